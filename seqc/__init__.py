@@ -1,0 +1,25 @@
+"""seqc: a compiler for sequence models (SSMs, selective SSMs, LSTMs, attention).
+
+Public API (see CONTRACT.md): ``parse``, ``build_graph``, ``compile``,
+``discretize``, ``difftest``, ``interop`` and the one error type ``SeqcError``.
+"""
+from __future__ import annotations
+
+import os as _os
+
+# Running from a source checkout: `seqc.backends` and `seqc.grammar` live beside
+# the package (installed distributions map them inside it via pyproject).
+_root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+if _os.path.isdir(_os.path.join(_root, "backends")) and _os.path.isdir(_os.path.join(_root, "grammar")) \
+        and not _os.path.isdir(_os.path.join(_os.path.dirname(__file__), "backends")):
+    __path__.append(_root)  # type: ignore[name-defined]
+
+from .errors import SeqcError  # noqa: E402
+from .parser import parse  # noqa: E402
+
+__all__ = ["SeqcError", "parse"]
+__version__ = "0.1.0"
+
+from .analysis import build_graph  # noqa: E402
+
+__all__ += ["build_graph"]

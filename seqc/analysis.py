@@ -1,0 +1,644 @@
+"""Semantic analysis: resolve includes, evaluate parameters, check names,
+arities, attribute values and symbolic shapes, and elaborate a model (blocks
+inlined, repetitions unrolled with hierarchical names) into the graph IR.
+
+Nothing from a spec is evaluated as Python: expressions are walked here and
+only the arithmetic in ``_arith`` and the functions in
+``registry.PARAM_FUNCTIONS`` are ever applied to their values.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import sympy
+
+from . import ast
+from .errors import SeqcError, Span, did_you_mean
+from .ir import Graph, Ref, join
+from .parser import parse, parse_file
+from .registry import OPS, PARAM_FUNCTIONS, REQUIRED, ShapeError
+
+MAX_NODES = 200_000
+MAX_DEPTH = 32  # nested block instantiation
+
+
+@dataclass(frozen=True)
+class Tensor:
+    ref: Ref
+    shape: tuple
+    dtype: str
+
+
+class Sym(str):
+    """A bare identifier used where an enum value is expected (e.g. plan = conv)."""
+
+
+# -- loading --------------------------------------------------------------------
+
+@dataclass
+class Program:
+    main: ast.Module
+    definitions: dict[str, ast.Definition]
+    model: ast.Definition
+
+
+def load(spec) -> Program:
+    """Parse `spec` (a path or source text) and everything it includes."""
+    if isinstance(spec, ast.Module):
+        main = spec
+    elif isinstance(spec, Path) or (isinstance(spec, str) and "\n" not in spec and "{" not in spec
+                                    and (spec.endswith(".seq") or os.path.exists(spec))):
+        main = parse_file(spec)
+    else:
+        main = parse(spec)
+    defs: dict[str, ast.Definition] = {}
+    _collect(main, defs, stack=[os.path.abspath(main.filename)])
+    models = [d for d in main.definitions if d.kind == "model"]
+    if not models:
+        raise SeqcError("no 'model' definition in this file", filename=main.filename, line=1, column=1)
+    if len(models) > 1:
+        raise SeqcError(f"more than one model in one file (first is '{models[0].name}')", models[1].span)
+    return Program(main, defs, models[0])
+
+
+def _collect(module: ast.Module, defs, stack):
+    for item in module.items:
+        if isinstance(item, ast.Include):
+            base = os.path.dirname(module.filename) if os.path.exists(module.filename) else os.getcwd()
+            path = os.path.abspath(os.path.join(base, item.path))
+            if path in stack:
+                raise SeqcError(f"include cycle: {' -> '.join(os.path.basename(p) for p in stack + [path])}",
+                                item.span)
+            if not os.path.exists(path):
+                raise SeqcError(f"cannot include '{item.path}': no such file", item.span)
+            if len(stack) > 16:
+                raise SeqcError("includes nested more than 16 deep", item.span)
+            _collect(parse_file(path), defs, stack + [path])
+            continue
+        if item.kind == "model" and len(stack) > 1:
+            continue  # an included file's model is its own example, not ours
+        if item.name in defs:
+            raise SeqcError(f"'{item.name}' is defined twice (first at {defs[item.name].span})", item.span)
+        if item.name in OPS:
+            raise SeqcError(f"'{item.name}' is the name of a built-in layer", item.span)
+        defs[item.name] = item
+
+
+# -- values ---------------------------------------------------------------------
+
+def _to_number(v):
+    if isinstance(v, Fraction):
+        return int(v) if v.denominator == 1 else float(v)
+    return v
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float, Fraction)) and not isinstance(v, bool)
+
+
+def _arith(op, a, b, span):
+    if not (_is_num(a) and _is_num(b)):
+        raise SeqcError(f"cannot apply '{op}' to {_kind(a)} and {_kind(b)}", span)
+    if isinstance(a, float) or isinstance(b, float):
+        a, b = float(a), float(b)
+    try:
+        if op == "+":
+            r = a + b
+        elif op == "-":
+            r = a - b
+        elif op == "*":
+            r = a * b
+        elif op == "/":
+            r = Fraction(a) / Fraction(b) if not isinstance(a, float) else a / b
+        elif op == "//":
+            r = a // b
+        elif op == "%":
+            r = a % b
+        else:  # **
+            if abs(b) > 64 or (abs(a) > 2 ** 20 and b > 4):
+                raise SeqcError("exponent too large", span)
+            r = Fraction(a) ** b if not isinstance(a, float) and isinstance(b, int) else float(a) ** float(b)
+    except ZeroDivisionError:
+        raise SeqcError("division by zero", span) from None
+    except OverflowError:
+        raise SeqcError("number too large", span) from None
+    if isinstance(r, Fraction) and (abs(r.numerator) > 2 ** 62 or r.denominator > 2 ** 62):
+        raise SeqcError("number too large", span)
+    if isinstance(r, int) and abs(r) > 2 ** 62:
+        raise SeqcError("number too large", span)
+    if isinstance(r, float) and not math.isfinite(r):
+        raise SeqcError("number too large", span)
+    return r
+
+
+def _kind(v) -> str:
+    if isinstance(v, Tensor):
+        return "a tensor"
+    if isinstance(v, bool):
+        return "a boolean"
+    if isinstance(v, Sym):
+        return f"the name '{v}'"
+    if isinstance(v, str):
+        return "a string"
+    if isinstance(v, list):
+        return "a list"
+    return "a number"
+
+
+def _fmt_shape(shape) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+# -- elaboration -----------------------------------------------------------------
+
+class _Scope:
+    """Names visible in one definition body: parameters, dims and tensors."""
+
+    def __init__(self, definition: ast.Definition, path: str, values: dict[str, Any]):
+        self.definition = definition
+        self.path = path
+        self.values = dict(values)
+        self.modules: dict[str, Span] = {}  # module names claimed in this scope
+        self.counters: dict[str, int] = {}
+
+
+class Elaborator:
+    def __init__(self, program: Program, overrides: dict[str, Any] | None):
+        self.program = program
+        self.overrides = dict(overrides or {})
+        self.graph: Graph | None = None
+        self.stack: list[str] = []
+
+    # entry point
+    def run(self) -> Graph:
+        model = self.program.model
+        params = self._bind_params(model, {}, self.overrides, model.span, from_python=True)
+        shown = {k: _to_number(v) for k, v in params.items()}
+        self.graph = Graph(model.name, shown)
+        scope = _Scope(model, "", params)
+        outs = self._body(scope, inputs=None)
+        self.graph.outputs = [t.ref for t in outs]
+        self.graph.verify()
+        return self.graph
+
+    def _bind_params(self, definition, caller_env, given: dict, call_span, from_python=False):
+        names = [p.name for p in definition.params]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            p = next(p for p in definition.params if p.name in dup)
+            raise SeqcError(f"parameter '{p.name}' declared twice", p.span)
+        for k in given:
+            if k not in names:
+                msg = f"'{definition.name}' has no parameter '{k}'{did_you_mean(k, names)}"
+                if from_python:
+                    raise SeqcError(msg, definition.span)
+                raise SeqcError(msg, given[k][1])
+        env: dict[str, Any] = {}
+        for p in definition.params:
+            if p.name in given:
+                value = given[p.name]
+                if from_python:
+                    value = self._python_value(p, value, definition)
+                else:
+                    value = value[0]
+            elif p.default is not None:
+                value = self._const(p.default, env)
+            else:
+                raise SeqcError(f"'{definition.name}' needs a value for parameter '{p.name}'", call_span)
+            if isinstance(value, Tensor):
+                raise SeqcError(f"parameter '{p.name}' must be a number, not a tensor", p.span)
+            env[p.name] = value
+        return env
+
+    def _python_value(self, p: ast.Param, value, definition):
+        if isinstance(value, str):
+            # `--param d=64` from the command line: parse it as an expression of the language
+            try:
+                module = parse(f"model _P() {{\n  _v = {value}\n}}\n", f"<param {p.name}>")
+                expr = module.definitions[0].body[0].value
+            except SeqcError:
+                raise SeqcError(f"bad value {value!r} for parameter '{p.name}'", p.span) from None
+            value = self._const(expr, {})
+        if isinstance(value, bool) or not isinstance(value, (int, float, str, Fraction)):
+            if not isinstance(value, bool):
+                raise SeqcError(f"bad value {value!r} for parameter '{p.name}'", p.span)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise SeqcError(f"bad value {value!r} for parameter '{p.name}'", p.span)
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 2 ** 62:
+            raise SeqcError(f"value {value} for parameter '{p.name}' is too large", p.span)
+        return value
+
+    def _const(self, expr, env):
+        v = self._eval(expr, env, scope=None)
+        if isinstance(v, Tensor):
+            raise SeqcError("expected a number, found a tensor", expr.span)
+        return v
+
+    # -- statements ----------------------------------------------------------------
+    def _body(self, scope: _Scope, inputs: list[Tensor] | None, call_span=None):
+        d = scope.definition
+        declared = [s for s in d.body if isinstance(s, ast.InputDecl)]
+        if inputs is not None and len(inputs) != len(declared):
+            raise SeqcError(f"block '{d.name}' takes {len(declared)} input(s), got {len(inputs)}", call_span)
+        returned = None
+        k = 0
+        for stmt in d.body:
+            if returned is not None:
+                raise SeqcError("statement after 'return'", stmt.span)
+            if isinstance(stmt, ast.InputDecl):
+                self._input(scope, stmt, inputs[k] if inputs is not None else None, call_span)
+                k += 1
+            elif isinstance(stmt, ast.Assign):
+                self._assign(scope, stmt)
+            else:
+                returned = [self._tensor(self._eval(v, scope.values, scope), v.span) for v in stmt.values]
+        if returned is None:
+            raise SeqcError(f"'{d.name}' has no 'return' statement", d.span)
+        if not declared:
+            raise SeqcError(f"'{d.name}' declares no input", d.span)
+        return returned
+
+    def _input(self, scope, stmt: ast.InputDecl, actual: Tensor | None, call_span):
+        if stmt.name in scope.values:
+            raise SeqcError(f"'{stmt.name}' is already defined", stmt.span)
+        dtype = stmt.dtype or "float"
+        if dtype not in ("float", "int"):
+            raise SeqcError(f"unknown element type '{dtype}' (expected float or int)", stmt.span)
+        dims = []
+        for i, e in enumerate(stmt.dims):
+            if isinstance(e, ast.Name) and e.id not in scope.values:
+                if actual is None:
+                    scope.values[e.id] = sympy.Symbol(e.id, positive=True, integer=True)
+                elif i < len(actual.shape):
+                    scope.values[e.id] = actual.shape[i]
+            v = self._eval(e, scope.values, None)
+            if isinstance(v, Fraction) and v.denominator == 1:
+                v = int(v)
+            if not (isinstance(v, int) and not isinstance(v, bool) and v > 0) and not isinstance(v, sympy.Expr):
+                raise SeqcError(f"dimension {i} of '{stmt.name}' must be a positive integer, got {v}", e.span)
+            dims.append(sympy.Integer(v) if isinstance(v, int) else v)
+        if actual is None:
+            node = self.graph.add("input", (), {"name": stmt.name}, [tuple(dims)], dtype=dtype,
+                                  name=stmt.name, span=stmt.span)
+            scope.values[stmt.name] = Tensor(Ref(node.id), tuple(dims), dtype)
+            return
+        if len(actual.shape) != len(dims):
+            raise SeqcError(f"input '{stmt.name}' of block '{scope.definition.name}' expects "
+                            f"{_fmt_shape(dims)}, got {_fmt_shape(actual.shape)}", call_span)
+        for i, (want, got) in enumerate(zip(dims, actual.shape)):
+            if sympy.simplify(want - got) != 0:
+                raise SeqcError(f"input '{stmt.name}' of block '{scope.definition.name}': dimension {i} is "
+                                f"{got} but the block expects {want} (shape {_fmt_shape(dims)})", call_span)
+        if actual.dtype != dtype:
+            raise SeqcError(f"input '{stmt.name}' of block '{scope.definition.name}' expects {dtype} elements, "
+                            f"got {actual.dtype}", call_span)
+        scope.values[stmt.name] = actual
+
+    def _assign(self, scope: _Scope, stmt: ast.Assign):
+        value = stmt.value
+        if stmt.repeat is not None:
+            outs = self._repeat(scope, stmt)
+        elif isinstance(value, ast.Call) and (value.func in OPS or value.func in self.program.definitions):
+            module = stmt.alias or (stmt.targets[0] if len(stmt.targets) == 1 else None)
+            outs = self._call(scope, value, module, stmt.alias is not None)
+        else:
+            if stmt.alias is not None:
+                raise SeqcError("'as' names a layer or block; this is not a call", stmt.span)
+            v = self._eval(value, scope.values, scope, name=join(scope.path, stmt.targets[0]))
+            outs = [v]
+        if len(outs) != len(stmt.targets):
+            raise SeqcError(f"{len(stmt.targets)} name(s) on the left but the right side gives {len(outs)} value(s)",
+                            stmt.span)
+        for t, v in zip(stmt.targets, outs):
+            if t in OPS or t in PARAM_FUNCTIONS:
+                pass  # a layer may be named after its op (conv1d = conv1d(x)); calls resolve ops first
+            old = scope.values.get(t)
+            if old is not None and not isinstance(old, Tensor) and isinstance(v, Tensor) and t in \
+                    {p.name for p in scope.definition.params}:
+                raise SeqcError(f"'{t}' is a parameter; choose another name for this tensor", stmt.span)
+            scope.values[t] = v
+
+    def _repeat(self, scope, stmt: ast.Assign):
+        call = stmt.value
+        if not isinstance(call, ast.Call) or call.func not in self.program.definitions:
+            raise SeqcError("repeat(n) must be followed by a block call", stmt.value.span)
+        n = self._eval(stmt.repeat, scope.values, None)
+        if not (isinstance(n, int) and not isinstance(n, bool)) or n < 0:
+            raise SeqcError(f"repeat count must be a non-negative integer, got {n}", stmt.repeat.span)
+        if n > 4096:
+            raise SeqcError(f"repeat count {n} is too large (at most 4096)", stmt.repeat.span)
+        if len(stmt.targets) != 1 or len(call.args) != 1:
+            raise SeqcError("a repeated block takes one input and gives one output", stmt.span)
+        base = stmt.alias or stmt.targets[0]
+        self._claim(scope, base, stmt.span)
+        x = self._tensor(self._eval(call.args[0], scope.values, scope), call.args[0].span)
+        for i in range(n):
+            (x,) = self._instantiate(scope, call, join(scope.path, base, str(i)), [x], expect=1)
+        return [x]
+
+    def _claim(self, scope, module, span):
+        if module in scope.modules:
+            raise SeqcError(f"a layer named '{module}' already exists in this block (first at "
+                            f"{scope.modules[module]})", span)
+        scope.modules[module] = span
+
+    def _call(self, scope: _Scope, call: ast.Call, module: str | None, explicit: bool):
+        if call.func in self.program.definitions:
+            if module is None:
+                module = self._auto_name(scope, call.func.lower())
+            self._claim(scope, module, call.span)
+            args = [self._tensor(self._eval(a, scope.values, scope), a.span) for a in call.args]
+            return self._instantiate(scope, call, join(scope.path, module), args)
+        return self._layer(scope, call, module, explicit)
+
+    def _auto_name(self, scope, base):
+        k = scope.counters.get(base, 0)
+        while f"{base}_{k}" in scope.modules or f"{base}_{k}" in scope.values:
+            k += 1
+        scope.counters[base] = k + 1
+        return f"{base}_{k}"
+
+    def _instantiate(self, scope, call: ast.Call, path: str, args: list[Tensor], expect=None):
+        definition = self.program.definitions[call.func]
+        if definition.kind != "block":
+            raise SeqcError(f"'{call.func}' is a model; only blocks can be instantiated", call.span)
+        if call.func in self.stack:
+            cycle = " -> ".join(self.stack[self.stack.index(call.func):] + [call.func])
+            raise SeqcError(f"block '{call.func}' instantiates itself ({cycle})", call.span)
+        if len(self.stack) >= MAX_DEPTH:
+            raise SeqcError(f"blocks nested more than {MAX_DEPTH} deep", call.span)
+        given = {}
+        for kw in call.kwargs:
+            v = self._eval(kw.value, scope.values, scope)
+            if isinstance(v, Tensor):
+                raise SeqcError(f"block parameter '{kw.name}' must be a number, not a tensor "
+                                f"(pass tensors positionally)", kw.span)
+            given[kw.name] = (v, kw.span)
+        params = self._bind_params(definition, scope.values, given, call.span)
+        inner = _Scope(definition, path, params)
+        self.stack.append(call.func)
+        try:
+            outs = self._body(inner, args, call.span)
+        finally:
+            self.stack.pop()
+        if expect is not None and len(outs) != expect:
+            raise SeqcError(f"block '{call.func}' returns {len(outs)} values; repeat needs exactly one", call.span)
+        if expect == 1 and args and tuple(outs[0].shape) != tuple(args[0].shape):
+            raise SeqcError(f"repeat needs a block whose output shape equals its input shape; '{call.func}' maps "
+                            f"{_fmt_shape(args[0].shape)} to {_fmt_shape(outs[0].shape)}", call.span)
+        return outs
+
+    # -- layers -------------------------------------------------------------------------
+    def _layer(self, scope, call: ast.Call, module: str | None, explicit: bool, name_hint: str = ""):
+        spec = OPS[call.func]
+        tensors: list[tuple[Tensor, Span]] = []
+        attrs_given: dict[str, tuple[Any, Span]] = {}
+        attr_names = [a.name for a in spec.attrs]
+        pos_attrs = list(attr_names)
+        for a in call.args:
+            v = self._eval(a, scope.values, scope)
+            if isinstance(v, Tensor):
+                if attrs_given:
+                    raise SeqcError("tensor argument after attribute arguments", a.span)
+                if not spec.variadic and len(tensors) >= len(spec.inputs):
+                    raise SeqcError(f"'{spec.name}' takes at most {len(spec.inputs)} tensor input(s)", a.span)
+                tensors.append((v, a.span))
+            else:
+                if not pos_attrs:
+                    raise SeqcError(f"too many arguments for '{spec.name}'", a.span)
+                attrs_given[pos_attrs.pop(0)] = (v, a.span)
+        named_inputs = {}
+        for kw in call.kwargs:
+            if kw.name in spec.inputs and not spec.variadic:
+                named_inputs[kw.name] = (self._tensor(self._eval(kw.value, scope.values, scope), kw.value.span),
+                                         kw.value.span)
+                continue
+            if kw.name not in attr_names:
+                choices = attr_names + ([] if spec.variadic else list(spec.inputs))
+                raise SeqcError(f"'{spec.name}' has no argument '{kw.name}'{did_you_mean(kw.name, choices)}", kw.span)
+            if kw.name in attrs_given:
+                raise SeqcError(f"argument '{kw.name}' given twice", kw.span)
+            attrs_given[kw.name] = (self._eval(kw.value, scope.values, scope, enum=True), kw.span)
+        if named_inputs:
+            slots = list(spec.inputs)
+            for k, (t, sp) in named_inputs.items():
+                idx = slots.index(k)
+                if idx < len(tensors):
+                    raise SeqcError(f"input '{k}' given both by position and by name", sp)
+            ordered = list(tensors)
+            for k in slots[len(tensors):]:
+                if k in named_inputs:
+                    ordered.append(named_inputs.pop(k))
+                elif named_inputs:
+                    missing = k
+                    if k in spec.optional_inputs:
+                        raise SeqcError(f"optional input '{k}' must be given before later inputs", call.span)
+                    raise SeqcError(f"'{spec.name}' is missing input '{missing}'", call.span)
+            tensors = ordered
+        required = len(spec.inputs) - len(spec.optional_inputs)
+        if spec.variadic:
+            if not tensors:
+                raise SeqcError(f"'{spec.name}' needs at least one tensor input", call.span)
+        elif len(tensors) < required:
+            missing = spec.inputs[len(tensors)]
+            raise SeqcError(f"'{spec.name}' takes {required} tensor input(s) ({', '.join(spec.inputs[:required])}), "
+                            f"got {len(tensors)}; missing '{missing}'", call.span)
+        attrs = self._check_attrs(spec, attrs_given, call.span)
+        for k, (t, sp) in enumerate(tensors):
+            want = "int" if spec.int_input and k == 0 else "float"
+            if t.dtype != want:
+                raise SeqcError(f"'{spec.name}' expects {'integer tokens' if want == 'int' else 'float values'} "
+                                f"here, got {t.dtype} elements", sp)
+        shapes = [t.shape for t, _ in tensors]
+        try:
+            out_shapes = spec.shape(shapes, attrs)
+        except ShapeError as e:
+            where = tensors[e.arg][1] if e.arg is not None and e.arg < len(tensors) else call.span
+            detail = " with shapes " + ", ".join(_fmt_shape(s) for s in shapes)
+            raise SeqcError(f"'{spec.name}': {e}{detail}", where) from None
+        owns = spec.has_weights or spec.stateful
+        if owns:
+            if module is None:
+                module = self._auto_name(scope, spec.name)
+            if module == "self":
+                name = scope.path
+                for k in spec.weights(shapes, attrs):
+                    self._claim(scope, k, call.span)
+            else:
+                self._claim(scope, module, call.span)
+                name = join(scope.path, module)
+        else:
+            name = name_hint or (join(scope.path, module) if module else "")
+        if len(self.graph.nodes) >= MAX_NODES:
+            raise SeqcError(f"model is too large (more than {MAX_NODES} nodes)", call.span)
+        node = self.graph.add(spec.name, [t.ref for t, _ in tensors], attrs, out_shapes, name=name, span=call.span,
+                              dtype="float")
+        outs = [Tensor(Ref(node.id, i), tuple(s), "float") for i, s in enumerate(out_shapes)]
+        return outs
+
+    def _check_attrs(self, spec, given, span):
+        attrs = {}
+        for a in spec.attrs:
+            if a.name in given:
+                v, sp = given[a.name]
+                attrs[a.name] = _check_attr(spec, a, v, sp)
+            elif a.default is REQUIRED:
+                raise SeqcError(f"'{spec.name}' needs argument '{a.name}'" + (f" ({a.doc})" if a.doc else ""), span)
+            else:
+                attrs[a.name] = a.default
+        return attrs
+
+    # -- expressions ----------------------------------------------------------------
+    def _tensor(self, v, span) -> Tensor:
+        if not isinstance(v, Tensor):
+            raise SeqcError(f"expected a tensor, found {_kind(v)}", span)
+        return v
+
+    def _eval(self, e, env, scope, *, enum=False, name=""):
+        if isinstance(e, ast.Number):
+            return e.value
+        if isinstance(e, ast.String):
+            return e.value
+        if isinstance(e, ast.Bool):
+            return e.value
+        if isinstance(e, ast.Name):
+            if e.id in env:
+                return env[e.id]
+            if enum:
+                return Sym(e.id)
+            known = list(env) + list(PARAM_FUNCTIONS)
+            raise SeqcError(f"undefined name '{e.id}'{did_you_mean(e.id, known)}", e.span)
+        if isinstance(e, ast.ListExpr):
+            return [self._eval(x, env, scope) for x in e.items]
+        if isinstance(e, ast.Neg):
+            v = self._eval(e.operand, env, scope)
+            if isinstance(v, sympy.Expr):
+                return -v
+            return _arith("-", 0, v, e.span)
+        if isinstance(e, ast.BinOp):
+            a = self._eval(e.left, env, scope)
+            b = self._eval(e.right, env, scope)
+            if isinstance(a, Tensor) or isinstance(b, Tensor):
+                return self._tensor_binop(scope, e, a, b, name)
+            if isinstance(a, sympy.Expr) or isinstance(b, sympy.Expr):
+                return self._dim_arith(e, a, b)
+            return _arith(e.op, a, b, e.span)
+        if isinstance(e, ast.Call):
+            if e.func in PARAM_FUNCTIONS and not any(isinstance(self._peek(a, env), Tensor) for a in e.args):
+                if e.kwargs:
+                    raise SeqcError(f"'{e.func}' takes no keyword arguments", e.kwargs[0].span)
+                args = [self._eval(a, env, scope) for a in e.args]
+                for a, node in zip(args, e.args):
+                    if not _is_num(a):
+                        raise SeqcError(f"'{e.func}' expects numbers, got {_kind(a)}", node.span)
+                if not args or (e.func in ("ceil", "floor", "int", "round") and len(args) != 1):
+                    raise SeqcError(f"'{e.func}' takes {'one argument' if e.func not in ('min', 'max') else 'arguments'}",
+                                    e.span)
+                return PARAM_FUNCTIONS[e.func](*args)
+            if scope is None:
+                raise SeqcError(f"'{e.func}' cannot be used in a parameter expression", e.span)
+            if e.func in self.program.definitions:
+                outs = self._call(scope, e, None, False)
+            elif e.func in OPS:
+                outs = self._layer(scope, e, None, False, name_hint=name)
+            else:
+                known = list(OPS) + list(self.program.definitions) + list(PARAM_FUNCTIONS)
+                raise SeqcError(f"unknown layer or block '{e.func}'{did_you_mean(e.func, known)}", e.span)
+            if len(outs) != 1:
+                raise SeqcError(f"'{e.func}' gives {len(outs)} values; bind them with "
+                                f"'a, b = {e.func}(...)'", e.span)
+            return outs[0]
+        raise AssertionError(f"unknown expression {e!r}")
+
+    def _peek(self, a, env):
+        return env.get(a.id) if isinstance(a, ast.Name) else None
+
+    def _dim_arith(self, e, a, b):
+        if not all(isinstance(v, (sympy.Expr, int)) and not isinstance(v, bool) for v in (a, b)):
+            raise SeqcError(f"cannot apply '{e.op}' to {_kind(a)} and {_kind(b)}", e.span)
+        a, b = sympy.sympify(a), sympy.sympify(b)
+        ops = {"+": a + b, "-": a - b, "*": a * b}
+        if e.op in ops:
+            return ops[e.op]
+        if e.op == "//":
+            return sympy.floor(a / b)
+        raise SeqcError(f"'{e.op}' is not supported on symbolic dimensions", e.span)
+
+    def _tensor_binop(self, scope, e: ast.BinOp, a, b, name):
+        ops = {"+": "add", "-": "sub", "*": "mul"}
+        if e.op not in ops or not (isinstance(a, Tensor) and isinstance(b, Tensor)):
+            raise SeqcError(f"cannot apply '{e.op}' to {_kind(a)} and {_kind(b)}"
+                            + (" (tensors combine with +, - and *)" if e.op not in ops else ""), e.span)
+        spec = OPS[ops[e.op]]
+        try:
+            shapes = spec.shape([a.shape, b.shape], {})
+        except ShapeError as err:
+            raise SeqcError(f"'{e.op}': {err}: {_fmt_shape(a.shape)} vs {_fmt_shape(b.shape)}", e.span) from None
+        node = self.graph.add(spec.name, [a.ref, b.ref], {}, shapes, name=name, span=e.span)
+        return Tensor(Ref(node.id), tuple(shapes[0]), "float")
+
+
+def _check_attr(spec, a, v, span):
+    where = f"'{spec.name}' argument '{a.name}'"
+    if isinstance(v, Tensor):
+        raise SeqcError(f"{where} must be a {a.type}, not a tensor", span)
+    if isinstance(v, Fraction):
+        v = _to_number(v)
+    if a.type == "int":
+        if isinstance(v, float) and v.is_integer():
+            v = int(v)
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise SeqcError(f"{where} must be an integer, got {_show(v)}", span)
+    elif a.type == "float":
+        if not _is_num(v):
+            raise SeqcError(f"{where} must be a number, got {_show(v)}", span)
+        v = float(v)
+    elif a.type == "bool":
+        if not isinstance(v, bool):
+            raise SeqcError(f"{where} must be true or false, got {_show(v)}", span)
+    elif a.type == "enum":
+        if not isinstance(v, str):
+            raise SeqcError(f"{where} must be one of {', '.join(a.choices)}, got {_show(v)}", span)
+        canon = {c.replace("-", "_"): c for c in a.choices}
+        key = v.replace("-", "_")
+        if key not in canon:
+            raise SeqcError(f"{where}: unknown value '{v}'{did_you_mean(v, a.choices)}; "
+                            f"expected one of {', '.join(a.choices)}", span)
+        return canon[key]
+    elif a.type == "sizes":
+        if isinstance(v, list):
+            if not v or not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in v):
+                raise SeqcError(f"{where} must be a list of positive integers", span)
+            return [int(x) for x in v]
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise SeqcError(f"{where} must be a positive integer or a list of them, got {_show(v)}", span)
+        return v
+    if a.type in ("int", "float"):
+        if a.positive and v <= 0:
+            raise SeqcError(f"{where} must be positive, got {_show(v)}", span)
+        if a.min is not None and v < a.min:
+            raise SeqcError(f"{where} must be at least {a.min}, got {_show(v)}", span)
+        if a.max is not None and v > a.max:
+            raise SeqcError(f"{where} must be at most {a.max}, got {_show(v)}", span)
+    return v
+
+
+def _show(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, Sym):
+        return f"'{v}'"
+    if isinstance(v, str):
+        return f'"{v}"'
+    return str(v)
+
+
+def build_graph(spec, params: dict | None = None) -> Graph:
+    """Elaborate `spec` (path or source text) with parameter overrides into the IR."""
+    program = load(spec)
+    return Elaborator(program, params).run()

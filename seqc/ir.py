@@ -1,0 +1,252 @@
+"""The graph IR: small node records on a ``networkx.DiGraph``, a verifier, a
+stable text dump and a Graphviz DOT export.
+
+A node is one op application.  Its inputs are ordered references
+``(node_id, output_index)``; the same references are mirrored as DiGraph edges
+(attribute ``slot`` = input position) so graph algorithms see the dataflow.
+Passes annotate ``node.meta`` (plan, fusion region, discretization, ...).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import networkx as nx
+
+from .errors import SeqcError, Span
+from .registry import OPS
+
+
+class Ref(NamedTuple):
+    node: int
+    index: int = 0
+
+    def __str__(self) -> str:
+        return f"%{self.node}" + (f".{self.index}" if self.index else "")
+
+
+@dataclass
+class Node:
+    id: int
+    op: str                          # a registry op, or "input"
+    inputs: tuple[Ref, ...]
+    attrs: dict[str, Any]
+    shapes: tuple[tuple, ...]        # one shape per output; dims are ints or sympy expressions
+    dtype: str = "float"             # float | int
+    name: str = ""                   # hierarchical module / value name
+    span: Span | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def spec(self):
+        return OPS.get(self.op)
+
+    @property
+    def shape(self) -> tuple:
+        return self.shapes[0]
+
+    def weight_shapes(self) -> dict[str, tuple]:
+        spec = self.spec
+        if spec is None or spec.weights is None:
+            return {}
+        return spec.weights(self.input_shapes, self.attrs)
+
+    # filled by Graph.add so specs can see their input shapes
+    input_shapes: tuple = ()
+
+
+def join(*parts: str) -> str:
+    return ".".join(p for p in parts if p)
+
+
+class Graph:
+    """A model after elaboration: nodes in a valid topological order."""
+
+    def __init__(self, name: str, params: dict[str, Any] | None = None):
+        self.name = name
+        self.params = dict(params or {})
+        self.nodes: dict[int, Node] = {}
+        self.inputs: list[int] = []
+        self.outputs: list[Ref] = []
+        self.nx = nx.DiGraph()
+        self._next = 0
+
+    # -- construction -----------------------------------------------------------
+    def add(self, op: str, inputs, attrs, shapes, *, dtype="float", name="", span=None, meta=None) -> Node:
+        node = Node(self._next, op, tuple(Ref(*r) for r in inputs), dict(attrs), tuple(tuple(s) for s in shapes),
+                    dtype, name, span, dict(meta or {}))
+        node.input_shapes = tuple(self.shape_of(r) for r in node.inputs)
+        self._next += 1
+        self.nodes[node.id] = node
+        self.nx.add_node(node.id, node=node)
+        for slot, r in enumerate(node.inputs):
+            self.nx.add_edge(r.node, node.id, slot=slot, index=r.index)
+        if op == "input":
+            self.inputs.append(node.id)
+        return node
+
+    def remove(self, node_id: int) -> None:
+        del self.nodes[node_id]
+        self.nx.remove_node(node_id)
+
+    def replace_uses(self, old: Ref, new: Ref) -> None:
+        for n in self.nodes.values():
+            if old in n.inputs:
+                n.inputs = tuple(new if r == old else r for r in n.inputs)
+                self.nx.remove_edge(old.node, n.id) if self.nx.has_edge(old.node, n.id) and \
+                    all(r.node != old.node for r in n.inputs) else None
+                self.nx.add_edge(new.node, n.id)
+        self.outputs = [new if r == old else r for r in self.outputs]
+
+    def copy(self) -> "Graph":
+        g = Graph(self.name, self.params)
+        g._next = self._next
+        g.inputs = list(self.inputs)
+        g.outputs = list(self.outputs)
+        for n in self.nodes.values():
+            c = dataclasses.replace(n, attrs=dict(n.attrs), meta=dict(n.meta))
+            c.input_shapes = n.input_shapes
+            g.nodes[c.id] = c
+        g.nx = self.nx.copy()
+        for nid in g.nodes:
+            g.nx.nodes[nid]["node"] = g.nodes[nid]
+        return g
+
+    # -- queries ------------------------------------------------------------------
+    def shape_of(self, ref: Ref) -> tuple:
+        return self.nodes[ref.node].shapes[ref.index]
+
+    def order(self) -> list[Node]:
+        return [self.nodes[i] for i in sorted(self.nodes)]
+
+    def users(self, node_id: int) -> list[Node]:
+        return [self.nodes[s] for s in sorted(self.nx.successors(node_id))]
+
+    def layers(self) -> list[Node]:
+        """Nodes that own weights or state (the modules of a backend)."""
+        return [n for n in self.order() if n.spec is not None and (n.spec.has_weights or n.spec.stateful)]
+
+    def weight_shapes(self) -> dict[str, tuple]:
+        out = {}
+        for n in self.order():
+            for k, s in n.weight_shapes().items():
+                out[join(n.name, k)] = tuple(int(d) for d in s)
+        return out
+
+    # -- checking -----------------------------------------------------------------
+    def verify(self) -> None:
+        """Check the IR's invariants; a failure is a compiler bug, not a user error."""
+        problems = []
+        seen_keys: dict[str, int] = {}
+        for n in self.order():
+            if n.op != "input" and n.op not in OPS:
+                problems.append(f"%{n.id}: unknown op {n.op}")
+            for r in n.inputs:
+                if r.node not in self.nodes:
+                    problems.append(f"%{n.id}: input {r} does not exist")
+                elif r.node >= n.id:
+                    problems.append(f"%{n.id}: input {r} is not defined before it")
+                elif r.index >= len(self.nodes[r.node].shapes):
+                    problems.append(f"%{n.id}: input {r} has no output {r.index}")
+                elif not self.nx.has_edge(r.node, n.id):
+                    problems.append(f"%{n.id}: edge from {r} missing in the DiGraph")
+            spec = n.spec
+            if spec is not None and not spec.variadic:
+                lo = len(spec.inputs) - len(spec.optional_inputs)
+                if not lo <= len(n.inputs) <= len(spec.inputs):
+                    problems.append(f"%{n.id}: {n.op} takes {len(spec.inputs)} inputs, has {len(n.inputs)}")
+            for k in n.weight_shapes():
+                key = join(n.name, k)
+                if key in seen_keys:
+                    problems.append(f"%{n.id}: weight key {key} also belongs to %{seen_keys[key]}")
+                seen_keys[key] = n.id
+        for r in self.outputs:
+            if r.node not in self.nodes:
+                problems.append(f"output {r} does not exist")
+        if set(self.nx.nodes) != set(self.nodes):
+            problems.append("DiGraph nodes differ from the node table")
+        if not nx.is_directed_acyclic_graph(self.nx):
+            problems.append("the graph has a cycle")
+        if problems:
+            raise AssertionError("IR verification failed:\n  " + "\n  ".join(problems))
+
+    # -- printing -----------------------------------------------------------------
+    def dump(self) -> str:
+        """One line per node, parameters sorted, source location as a comment."""
+        params = ", ".join(f"{k}={_fmt(v)}" for k, v in self.params.items())
+        lines = [f"model {self.name}({params}) {{"]
+        for n in self.order():
+            lines.append("  " + format_node(n))
+        lines.append("  return " + ", ".join(str(r) for r in self.outputs))
+        lines.append("}")
+        return "\n".join(lines) + "\n"
+
+    def to_dot(self) -> str:
+        out = [f'digraph "{self.name}" {{', "  rankdir=TB;", '  node [shape=box, fontname="monospace"];']
+        regions: dict[str, list[int]] = {}
+        for n in self.order():
+            label = f"%{n.id} {n.op}"
+            if n.name:
+                label += f"\\n{n.name}"
+            label += "\\n" + " ".join(_fmt_shape(s, n.dtype) for s in n.shapes)
+            if "plan" in n.meta:
+                label += f"\\nplan={n.meta['plan']}"
+            if "fusion" in n.meta:
+                label += f"\\nfusion={n.meta['fusion']}"
+                regions.setdefault(n.meta["fusion"], []).append(n.id)
+            style = ', style=filled, fillcolor="#e8f0ff"' if n.spec is not None and n.spec.has_weights else ""
+            out.append(f'  n{n.id} [label="{label}"{style}];')
+        for rid, members in regions.items():
+            out.append(f'  subgraph "cluster_{rid}" {{ label="{rid}"; style=dashed; '
+                       + " ".join(f"n{m};" for m in members) + " }")
+        for a, b in sorted(self.nx.edges):
+            out.append(f"  n{a} -> n{b};")
+        out.append("  out [shape=oval, label=\"output\"];")
+        for r in self.outputs:
+            out.append(f"  n{r.node} -> out;")
+        out.append("}")
+        return "\n".join(out) + "\n"
+
+
+def _fmt(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, float):
+        return repr(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_fmt(x) for x in v) + "]"
+    return str(v)
+
+
+def _fmt_shape(shape, dtype) -> str:
+    return ("i64" if dtype == "int" else "f32") + "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+def format_node(n: Node) -> str:
+    spec = n.spec
+    shown = {k: v for k, v in n.attrs.items()
+             if spec is None or spec.attr(k) is None or spec.attr(k).default != v or k == "plan"}
+    attrs = ", ".join(f"{k}={_fmt(v)}" for k, v in sorted(shown.items()))
+    meta = ", ".join(f"{k}={_fmt(v)}" for k, v in sorted(n.meta.items()) if k in ("plan", "fusion", "disc_form"))
+    head = f"%{n.id} = {n.op}"
+    if attrs:
+        head += f"[{attrs}]"
+    head += "(" + ", ".join(str(r) for r in n.inputs) + ")"
+    if len(n.shapes) == 1:
+        head += " : " + _fmt_shape(n.shape, n.dtype)
+    else:
+        head += " : (" + ", ".join(_fmt_shape(s, n.dtype) for s in n.shapes) + ")"
+    if meta:
+        head += f" {{{meta}}}"
+    tail = []
+    if n.name:
+        tail.append(n.name)
+    if n.span is not None:
+        tail.append(f"{_short(n.span.file)}:{n.span.line}:{n.span.column}")
+    return head + ("  # " + " ".join(tail) if tail else "")
+
+
+def _short(path: str) -> str:
+    import os
+    return os.path.basename(path)
