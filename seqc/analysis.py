@@ -24,6 +24,17 @@ from .parser import parse, parse_file
 from .registry import OPS, PARAM_FUNCTIONS, REQUIRED, ShapeError
 
 MAX_NODES = 200_000
+# Names a layer cannot take because every compiled torch module already has them.
+RESERVED_NAMES = frozenset("""
+T_destination add_module apply bfloat16 buffers call_super_init children compile cpu cuda double dump_patches
+eval extra_repr float forward get_buffer get_extra_state get_parameter get_submodule half init_state ipu
+load_state_dict modules mtia named_buffers named_children named_modules named_parameters parameters
+register_backward_hook register_buffer register_forward_hook register_forward_pre_hook
+register_full_backward_hook register_full_backward_pre_hook register_load_state_dict_post_hook
+register_load_state_dict_pre_hook register_module register_parameter register_state_dict_post_hook
+register_state_dict_pre_hook requires_grad_ set_extra_state set_submodule share_memory state_dict step to
+to_empty train training type xpu zero_grad graph source plan
+""".split())
 MAX_DEPTH = 32  # nested block instantiation
 
 
@@ -190,7 +201,7 @@ class Elaborator:
         names = [p.name for p in definition.params]
         dup = {n for n in names if names.count(n) > 1}
         if dup:
-            p = next(p for p in definition.params if p.name in dup)
+            p = next(p for k, p in enumerate(definition.params) if p.name in names[:k])  # the second one
             raise SeqcError(f"parameter '{p.name}' declared twice", p.span)
         for k in given:
             if k not in names:
@@ -223,7 +234,10 @@ class Elaborator:
                 expr = module.definitions[0].body[0].value
             except SeqcError:
                 raise SeqcError(f"bad value {value!r} for parameter '{p.name}'", p.span) from None
-            value = self._const(expr, {})
+            try:
+                value = self._const(expr, {})
+            except SeqcError as e:
+                raise SeqcError(f"bad value {value!r} for parameter '{p.name}': {e.message}", p.span) from None
         if isinstance(value, bool) or not isinstance(value, (int, float, str, Fraction)):
             if not isinstance(value, bool):
                 raise SeqcError(f"bad value {value!r} for parameter '{p.name}'", p.span)
@@ -342,6 +356,9 @@ class Elaborator:
         return [x]
 
     def _claim(self, scope, module, span):
+        if module in RESERVED_NAMES:
+            raise SeqcError(f"'{module}' cannot name a layer: it is reserved (an attribute of every "
+                            f"compiled module); choose another name", span)
         if module in scope.modules:
             raise SeqcError(f"a layer named '{module}' already exists in this block (first at "
                             f"{scope.modules[module]})", span)
@@ -349,6 +366,9 @@ class Elaborator:
 
     def _call(self, scope: _Scope, call: ast.Call, module: str | None, explicit: bool):
         if call.func in self.program.definitions:
+            if module == "self":
+                raise SeqcError("'as self' places a layer's weights in its block; a block call needs its own name",
+                                call.span)
             if module is None:
                 module = self._auto_name(scope, call.func.lower())
             self._claim(scope, module, call.span)
@@ -466,6 +486,9 @@ class Elaborator:
             if module is None:
                 module = self._auto_name(scope, spec.name)
             if module == "self":
+                if not scope.path:
+                    raise SeqcError("'as self' needs an enclosing block; at the top level give the layer a name",
+                                    call.span)
                 name = scope.path
                 for k in spec.weights(shapes, attrs):
                     self._claim(scope, k, call.span)

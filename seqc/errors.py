@@ -16,6 +16,10 @@ def remember_source(filename: str, text: str) -> None:
     _SOURCES[filename] = text
 
 
+def forget_source(filename: str) -> None:
+    _SOURCES.pop(filename, None)
+
+
 @dataclass(frozen=True)
 class Span:
     """A region of one source file (1-based lines and columns, end exclusive)."""
@@ -46,7 +50,7 @@ class SeqcError(Exception):
         super().__init__(str(self))
 
     def __str__(self) -> str:
-        where = self.filename or "<seqc>"
+        where = self.filename or "seqc"
         if self.line is not None:
             where += f":{self.line}:{self.column or 1}"
         return f"{where}: error: {self.message}"

@@ -91,13 +91,20 @@ class Graph:
         self.nx.remove_node(node_id)
 
     def replace_uses(self, old: Ref, new: Ref) -> None:
-        for n in self.nodes.values():
+        """Make every user of `old` read `new` instead."""
+        for n in self.users(old.node):
             if old in n.inputs:
-                n.inputs = tuple(new if r == old else r for r in n.inputs)
-                self.nx.remove_edge(old.node, n.id) if self.nx.has_edge(old.node, n.id) and \
-                    all(r.node != old.node for r in n.inputs) else None
-                self.nx.add_edge(new.node, n.id)
+                self.set_inputs(n, tuple(new if r == old else r for r in n.inputs))
         self.outputs = [new if r == old else r for r in self.outputs]
+
+    def set_inputs(self, node: Node, inputs) -> None:
+        """Replace a node's inputs, keeping the DiGraph edges in step."""
+        for src in list(self.nx.predecessors(node.id)):
+            self.nx.remove_edge(src, node.id)
+        node.inputs = tuple(Ref(*r) for r in inputs)
+        node.input_shapes = tuple(self.shape_of(r) for r in node.inputs)
+        for slot, r in enumerate(node.inputs):
+            self.nx.add_edge(r.node, node.id, slot=slot, index=r.index)
 
     def copy(self) -> "Graph":
         g = Graph(self.name, self.params)

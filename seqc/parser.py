@@ -4,6 +4,7 @@ of Lark's errors into located ``SeqcError``s written in plain words."""
 from __future__ import annotations
 
 import functools
+import re
 from importlib import resources
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from lark import Token, Transformer, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
 
 from . import ast
-from .errors import SeqcError, Span, remember_source
+from .errors import SeqcError, Span, forget_source, remember_source
 
 MAX_NESTING = 64          # brackets deep
 MAX_INT = 2 ** 62         # integer literals beyond this are refused
@@ -43,10 +44,12 @@ class _Newlines:
     statement before '}' and the last line end with a newline."""
 
     always_accept = ("_NL",)
+    open: list = []  # brackets not yet closed in the current parse (read by _syntax_error)
 
     def process(self, stream):
         depth = 0
         prev = None
+        self.open = []
         for tok in stream:
             kind = tok.type
             if kind == "_NL":
@@ -54,15 +57,18 @@ class _Newlines:
                     continue
             elif kind in ("LPAR", "LSQB"):
                 depth += 1
+                self.open.append(tok)
                 if depth > MAX_NESTING:
                     raise _Located(f"brackets nested more than {MAX_NESTING} deep", tok)
             elif kind in ("RPAR", "RSQB"):
                 depth = max(0, depth - 1)
+                if self.open:
+                    self.open.pop()
             elif kind == "RBRACE" and prev is not None and prev.type not in ("_NL", "LBRACE"):
                 yield Token.new_borrow_pos("_NL", "\n", tok)
             yield tok
             prev = tok
-        if prev is not None and prev.type != "_NL":
+        if prev is not None and prev.type != "_NL" and depth == 0:  # inside brackets: end of file
             yield Token("_NL", "\n", line=prev.end_line, column=prev.end_column)
 
 
@@ -72,10 +78,13 @@ class _Located(Exception):
         self.message, self.tok = message, tok
 
 
+_POSTLEX = _Newlines()
+
+
 @functools.lru_cache(maxsize=None)
 def _parser() -> lark.Lark:
     text = resources.files("seqc.grammar").joinpath("seq.lark").read_text()
-    return lark.Lark(text, parser="lalr", lexer="basic", propagate_positions=True, postlex=_Newlines(),
+    return lark.Lark(text, parser="lalr", lexer="basic", propagate_positions=True, postlex=_POSTLEX,
                      maybe_placeholders=True)
 
 
@@ -207,14 +216,16 @@ def _check_text(source, filename) -> str:
             source = bytes(source).decode("utf-8")
         except UnicodeDecodeError as e:
             line = bytes(source)[:e.start].count(b"\n") + 1
+            forget_source(filename)
             raise SeqcError("file is not UTF-8 text (it looks binary)", filename=filename, line=line, column=1)
     if len(source) > MAX_SOURCE:
+        forget_source(filename)
         raise SeqcError(f"file is too large ({len(source)} characters; at most {MAX_SOURCE})",
                         filename=filename, line=1, column=1)
+    remember_source(filename, source)
     for i, line in enumerate(source.splitlines(), 1):
         bad = next((j for j, ch in enumerate(line) if ch == "\x00" or (ord(ch) < 32 and ch not in "\t\r\f")), None)
         if bad is not None:
-            remember_source(filename, source)
             raise SeqcError(f"unexpected control character {line[bad]!r} (is this a binary file?)",
                             filename=filename, line=i, column=bad + 1)
     if not source.strip() or all(not l.strip() or l.lstrip().startswith("#") for l in source.splitlines()):
@@ -259,9 +270,9 @@ def _syntax_error(e: UnexpectedInput, source: str, filename: str, parser) -> Seq
             msg += " (strings use double quotes)"
         return SeqcError(msg, filename=filename, line=line, column=col)
     if isinstance(e, UnexpectedEOF) or (isinstance(e, UnexpectedToken) and e.token.type == "$END"):
-        expected = sorted({_word(t, parser) for t in e.expected})
+        expected = _expected_words(getattr(e, "accepts", None) or e.expected, parser)
         lines = source.splitlines() or [""]
-        return SeqcError(f"unexpected end of file; expected {_join(expected)}", filename=filename,
+        return SeqcError(f"unexpected end of file; expected {_join(expected)}{_unclosed(None)}", filename=filename,
                          line=len(lines), column=len(lines[-1]) + 1)
     assert isinstance(e, UnexpectedToken)
     tok = e.token
@@ -271,9 +282,26 @@ def _syntax_error(e: UnexpectedInput, source: str, filename: str, parser) -> Seq
             line, col = 1, 1
     else:
         what = f"'{tok}'" if tok.type not in ("NAME", "NUMBER", "STRING") else f"{tok.type.lower()} '{tok}'"
-    expected = _expected_words(getattr(e, "accepts", None) or e.expected, parser)
+    terminals = getattr(e, "accepts", None) or e.expected
+    expected = _expected_words(terminals, parser)
+    if tok.type != "NAME" and _RESERVED.match(str(tok)) and "NAME" in terminals:
+        what += " (a reserved word, not usable as a name)"
     span = Span(filename, tok.line or 1, tok.column or 1, tok.end_line, tok.end_column)
-    return SeqcError(f"unexpected {what}; expected {_join(expected)}", span)
+    return SeqcError(f"unexpected {what}; expected {_join(expected)}{_unclosed(tok)}", span)
+
+
+_RESERVED = re.compile(r"[A-Za-z_]\w*\Z")
+
+
+def _unclosed(tok) -> str:
+    """' (the '(' at 3:12 is never closed)' when the error comes after an open bracket's line."""
+    opened = _POSTLEX.open
+    if not opened:
+        return ""
+    first = opened[-1]
+    if tok is not None and (tok.line is None or tok.line <= first.line):
+        return ""
+    return f" (the '{first}' at {first.line}:{first.column} is never closed)"
 
 
 _OPERATORS = {"PLUS", "MINUS", "STAR", "SLASH", "PERCENT", "__ANON_0", "__ANON_1"}
@@ -282,7 +310,7 @@ _OPERATORS = {"PLUS", "MINUS", "STAR", "SLASH", "PERCENT", "__ANON_0", "__ANON_1
 def _expected_words(terminals, parser) -> list[str]:
     terminals = set(terminals)
     words = set()
-    if terminals & _OPERATORS and "_NL" in terminals:
+    if len(terminals & _OPERATORS) >= 3:
         terminals -= _OPERATORS | {"LPAR"}
         words.add("an operator")
     if {"NAME", "NUMBER", "STRING"} <= terminals:

@@ -1,0 +1,1 @@
+"""PyTorch backend: runtime kernels and code generation for torch modules."""

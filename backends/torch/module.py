@@ -1,0 +1,95 @@
+"""The compiled PyTorch model: the module tree built from the IR's hierarchical
+names (so ``get_submodule`` and ``state_dict`` keys follow the spec), the base
+class the generated code subclasses, and weight loading."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from seqc.codegen import compile_source
+from seqc.errors import SeqcError
+
+from . import functional
+from .codegen import emit
+from .layers import LAYERS
+
+
+class Container(nn.Module):
+    """A block instance: holds the layers named inside it; `[i]` reaches repeats."""
+
+    def __getitem__(self, key):
+        return self._modules[str(key)]
+
+    def __len__(self):
+        return len(self._modules)
+
+
+def run(layer, *args, state, return_state, lengths):
+    """Call a stateful layer; always give back (output, state or None)."""
+    out = layer(*args, state=state, return_state=return_state, lengths=lengths)
+    return out if return_state else (out, None)
+
+
+class SeqcModule(nn.Module):
+    """Base of every generated model: builds layers, holds the IR and the source."""
+
+    def __init__(self, graph, source: str):
+        super().__init__()
+        object.__setattr__(self, "graph", graph)
+        object.__setattr__(self, "source", source)
+        _build_tree(self, graph)
+
+    def state_options(self) -> dict:
+        p = next(self.parameters(), None)
+        if p is None:
+            return {"dtype": torch.get_default_dtype(), "device": None}
+        return {"dtype": p.dtype if p.is_floating_point() else torch.get_default_dtype(), "device": p.device}
+
+    def load_numpy(self, weights: dict) -> "SeqcModule":
+        """Load a dict of NumPy arrays keyed like state_dict (e.g. from seqc.init)."""
+        own = self.state_dict()
+        missing = [k for k in own if k not in weights]
+        unexpected = [k for k in weights if k not in own]
+        if missing or unexpected:
+            raise SeqcError(f"weights do not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        with torch.no_grad():
+            for k, t in own.items():
+                v = torch.as_tensor(np.asarray(weights[k]))
+                if tuple(v.shape) != tuple(t.shape):
+                    raise SeqcError(f"weight '{k}' has shape {tuple(v.shape)}, expected {tuple(t.shape)}")
+                t.copy_(v.to(t.dtype))
+        return self
+
+
+def _build_tree(root: nn.Module, graph) -> None:
+    layers = {}
+    for n in graph.layers():
+        in_features = [int(s[-1]) if len(s) else 1 for s in n.input_shapes]
+        cls = LAYERS[n.op]
+        mod = cls(in_features, dict(n.attrs))
+        plan = n.meta.get("plan")
+        if plan is not None:
+            mod.plan = plan
+        layers[n.name] = mod
+    paths = set()
+    for name in layers:
+        parts = name.split(".")
+        for i in range(1, len(parts) + 1):
+            paths.add(".".join(parts[:i]))
+    made = {"": root}
+    for path in sorted(paths, key=lambda p: (p.count("."), p)):
+        parent, _, leaf = path.rpartition(".")
+        mod = layers.get(path) or Container()
+        made[parent].add_module(leaf, mod)
+        made[path] = mod
+
+
+def build_module(graph, weights: dict | None = None) -> SeqcModule:
+    source = emit(graph)
+    ns = compile_source(source, graph.name, {"SeqcModule": SeqcModule, "run": run, "fn": functional})
+    cls = ns[graph.name]
+    model = cls(graph, source)
+    if weights is not None:
+        model.load_numpy(weights)
+    return model

@@ -1,0 +1,145 @@
+"""Sub-commands beyond check and graph: passes, explain, emit, run (and the
+later-stage difftest, bench), each registered with ``cli.command``."""
+from __future__ import annotations
+
+import sys
+import time
+
+from .cli import _params, command
+from .errors import SeqcError
+
+
+def _opt(*flags, **kw):
+    return (flags, kw)
+
+
+_PLAN_OPTS = [
+    _opt("--length", "-L", type=int, default=1024, help="sequence length to plan for"),
+    _opt("--batch", "-B", type=int, default=1, help="batch size to plan for"),
+    _opt("--backend", default="torch", help="numpy | torch | triton"),
+    _opt("--mode", default="auto", help="auto | conv | scan | recurrent"),
+    _opt("--inference", action="store_true", help="plan for inference instead of training"),
+]
+
+
+def _positive(name, v):
+    if v is None or v < 1:
+        raise SeqcError(f"--{name} must be a positive integer, got {v}")
+    return v
+
+
+def _plan(args, instruments=None, pipeline=None):
+    from .compiler import plan_graph
+    return plan_graph(args.file, args.backend, _params(args.param), args.mode,
+                      length=_positive("length", args.length), batch=_positive("batch", args.batch),
+                      training=not args.inference, pipeline=pipeline, instruments=instruments)
+
+
+@command("passes", "list the pass pipeline and dump the IR between passes")
+def cmd_passes(args) -> int:
+    from .passes import PASSES, Instruments, Pipeline
+    pipeline = Pipeline.parse(args.pipeline) if args.pipeline else Pipeline()
+    for name in args.drop or ():
+        pipeline.drop(name)
+    for name in (args.print_after or []) + (args.print_before or []):
+        if name not in PASSES:
+            from .passes.manager import _get
+            _get(name)
+    ins = Instruments(print_after_all=args.print_after_all, print_after=tuple(args.print_after or ()),
+                      print_before=tuple(args.print_before or ()), time_passes=args.time_passes,
+                      out=lambda s: sys.stdout.write(s + ("\n" if not s.endswith("\n") else "")))
+    if not (args.print_after_all or args.print_after or args.print_before or args.time_passes):
+        print(f"pipeline: {pipeline}")
+        for i, name in enumerate(pipeline.names):
+            print(f"  {i:2d}. {name:<22} {PASSES[name].doc}")
+        return 0
+    if args.print_after_all:
+        from .analysis import build_graph
+        sys.stdout.write("// ----- IR after elaboration -----\n" + build_graph(args.file, _params(args.param)).dump())
+    _plan(args, ins, pipeline)
+    return 0
+
+
+cmd_passes.options = _PLAN_OPTS + [
+    _opt("--print-after-all", action="store_true", help="dump the IR after every pass"),
+    _opt("--print-after", action="append", metavar="PASS", help="dump the IR after PASS"),
+    _opt("--print-before", action="append", metavar="PASS", help="dump the IR before PASS"),
+    _opt("--time-passes", action="store_true", help="report the time spent in each pass"),
+    _opt("--pipeline", metavar="P1,P2,...", help="run this pipeline instead of the default"),
+    _opt("--drop", action="append", metavar="PASS", help="drop a pass from the pipeline"),
+]
+
+
+@command("explain", "show, per layer, the plans considered, their predicted cost and the winner")
+def cmd_explain(args) -> int:
+    from .passes import explain
+    from .passes.manager import PlanContext
+    g = _plan(args)
+    ctx = PlanContext(batch=args.batch, length=args.length, backend=args.backend, training=not args.inference,
+                      mode=args.mode)
+    sys.stdout.write(explain(g, ctx))
+    return 0
+
+
+cmd_explain.options = _PLAN_OPTS
+
+
+@command("emit", "print the generated source for a backend")
+def cmd_emit(args) -> int:
+    g = _plan(args)
+    if args.backend == "numpy":
+        from .backends.numpy.codegen import emit
+    elif args.backend == "torch":
+        from .backends.torch.codegen import emit
+    else:
+        from .backends.triton.codegen import emit
+    sys.stdout.write(emit(g))
+    return 0
+
+
+cmd_emit.options = _PLAN_OPTS
+
+
+@command("run", "run a model on seeded random input and print output shape and statistics")
+def cmd_run(args) -> int:
+    import numpy as np
+
+    from .compiler import compile
+    B, L = _positive("batch", args.batch), _positive("length", args.length)
+    model = compile(args.file, backend=args.backend, params=_params(args.param), mode=args.mode, seed=args.seed,
+                    length=L, batch=B, training=False)
+    graph = model.graph
+    rng = np.random.default_rng(args.seed)
+    xs = []
+    for nid in graph.inputs:
+        n = graph.nodes[nid]
+        shape = tuple(B if str(d) == "B" else L if str(d) == "L" else int(d) for d in n.shape)
+        if n.dtype == "int":
+            vocab = min(int(v.weight_shapes().get("weight", (2,))[0]) for v in graph.users(nid)
+                        if v.op == "embedding") if any(v.op == "embedding" for v in graph.users(nid)) else 2
+            xs.append(rng.integers(0, vocab, size=shape))
+        else:
+            xs.append(rng.standard_normal(shape))
+    t0 = time.perf_counter()
+    if args.backend == "numpy":
+        y = model(*xs, model.weights)
+    else:
+        import torch
+        with torch.no_grad():
+            ts = [torch.as_tensor(x) if x.dtype.kind == "i" else torch.as_tensor(x, dtype=torch.float32) for x in xs]
+            y = model(*ts).numpy()
+    dt = time.perf_counter() - t0
+    y = np.asarray(y, dtype=np.float64)
+    print(f"model {graph.name} on {args.backend}: input {' '.join(str(tuple(x.shape)) for x in xs)} -> output {tuple(y.shape)}")
+    print(f"  mean {y.mean():+.6f}  std {y.std():.6f}  min {y.min():+.6f}  max {y.max():+.6f}  finite {bool(np.isfinite(y).all())}")
+    print(f"  {dt * 1e3:.1f} ms")
+    return 0 if np.isfinite(y).all() else 1
+
+
+cmd_run.options = [
+    _opt("--backend", default="numpy", help="numpy | torch | triton"),
+    _opt("--length", "-L", type=int, default=64),
+    _opt("--batch", "-B", type=int, default=2),
+    _opt("--seed", type=int, default=0),
+    _opt("--mode", default="auto", help="auto | conv | scan | recurrent"),
+]

@@ -1,0 +1,30 @@
+"""Attach each state-space node's discretization: the structure (diagonal or
+dense) and method, and the sympy-derived forms that backends lower through
+code printers (``seqc.discretization``)."""
+from __future__ import annotations
+
+from .. import discretization
+from .manager import compiler_pass
+
+
+def structure_and_method(node):
+    """(structure, method) of an ssm / selective_ssm node, or None (shift SSM)."""
+    if node.op == "selective_ssm":
+        return "diag", node.attrs["disc"]
+    if node.op == "ssm":
+        kind = node.attrs["kind"]
+        if kind == "shift":
+            return None
+        return ("dense" if kind == "dense" else "diag"), node.attrs["disc"]
+    return None
+
+
+@compiler_pass("discretize")
+def discretize(g, ctx):
+    """Derive Abar, Bbar symbolically for every ssm / selective_ssm node."""
+    for n in g.order():
+        sm = structure_and_method(n)
+        if sm is None:
+            continue
+        n.meta["disc_form"] = discretization.describe(*sm)
+    return g
