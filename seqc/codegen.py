@@ -57,8 +57,11 @@ def _assign(c: Call) -> str:
     return ", ".join(c.outs) if len(c.outs) > 1 else c.outs[0]
 
 
-def generate(program: Program, r: Renderer) -> str:
-    """Source of forward / init_state / step for `program` in the renderer's spelling."""
+def generate(program: Program, r: Renderer, trace: bool = False) -> str:
+    """Source of forward / init_state / step for `program` in the renderer's spelling.
+
+    With ``trace=True`` only a ``forward_traced(..., trace)`` is generated, which
+    also stores every node's result in ``trace[node_id]`` (for difftest)."""
     ins = ", ".join(program.inputs)
     lines = [r.header] if r.header else []
     ind = "    " if r.self_arg else ""
@@ -71,7 +74,9 @@ def generate(program: Program, r: Renderer) -> str:
     ret = outs if len(program.outputs) == 1 else f"({outs},)"
 
     # forward over a whole sequence
-    emit(f"def forward({r.self_arg}{ins}{r.weights_arg}, state=None, return_state=False, lengths=None):")
+    fname = "forward_traced" if trace else "forward"
+    extra = ", trace=None" if trace else ""
+    emit(f"def {fname}({r.self_arg}{ins}{r.weights_arg}, state=None, return_state=False, lengths=None{extra}):")
     emit(f"    S = {{}} if state is None else state")
     emit(f"    S_out = {{}}")
     for p in prologue:
@@ -82,8 +87,14 @@ def generate(program: Program, r: Renderer) -> str:
             emit(f"    {_assign(c)}, S_out[{key}] = {r.call(c, f'S.get({key})', step=False)}")
         else:
             emit(f"    {_assign(c)} = {r.call(c, None, step=False)}")
+        if c.name:
+            lines[-1] += f"  # {c.name}"
+        if trace:
+            emit(f"    trace[{c.node}] = {_assign(c) if len(c.outs) == 1 else '(' + _assign(c) + ',)'}")
     emit(f"    return ({ret}, S_out) if return_state else {ret}")
     emit()
+    if trace:
+        return "\n".join(lines) + "\n"
 
     # a fresh recurrent state
     emit(f"def init_state({r.self_arg}batch{r.weights_arg}):")

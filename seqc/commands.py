@@ -143,3 +143,25 @@ cmd_run.options = [
     _opt("--seed", type=int, default=0),
     _opt("--mode", default="auto", help="auto | conv | scan | recurrent"),
 ]
+
+
+@command("difftest", "run two backends on the same weights and inputs and compare every node")
+def cmd_difftest(args) -> int:
+    from .difftest import difftest
+    backends = tuple(b.strip() for b in args.backends.split(","))
+    modes = tuple(m.strip() for m in args.modes.split(",")) if args.modes else ("auto",) * len(backends)
+    report = difftest(args.file, backends, _params(args.param), seed=args.seed,
+                      batch=_positive("batch", args.batch), length=_positive("length", args.length),
+                      modes=modes, tolerance=args.tolerance)
+    print(report)
+    return 0 if report.ok else 1
+
+
+cmd_difftest.options = [
+    _opt("--backends", default="numpy,torch", help="two backends, comma-separated"),
+    _opt("--modes", default=None, help="plan modes for the two runs, e.g. conv,scan"),
+    _opt("--length", "-L", type=int, default=16),
+    _opt("--batch", "-B", type=int, default=2),
+    _opt("--seed", type=int, default=0),
+    _opt("--tolerance", type=float, default=1e-8),
+]

@@ -93,7 +93,15 @@ def _derive_gbt(alpha):
     x0, x1, u = sp.symbols("x0 x1 u")
     step = sp.Eq(x1, x0 + dt * (A * ((1 - alpha) * x0 + alpha * x1) + B * u))
     x_next = sp.solve(step, x1)[0]
-    return sp.factor(sp.diff(x_next, x0)), sp.factor(sp.diff(x_next, u))
+    return _positive_constant_terms(sp.diff(x_next, x0)), _positive_constant_terms(sp.diff(x_next, u))
+
+
+def _positive_constant_terms(expr):
+    """(A dt + 2)/(2 - A dt) rather than -(A dt + 2)/(A dt - 2): the textbook reading."""
+    num, den = sp.fraction(sp.factor(expr))
+    if den.subs(A, 0).is_negative:
+        num, den = -num, sp.expand(-den)
+    return num / den
 
 
 def _derive_zoh():
@@ -103,9 +111,9 @@ def _derive_zoh():
 
 
 def _generic_branch(expr):
-    """The branch of a Piecewise valid for A != 0 (sympy's integral splits on A == 0)."""
-    pieces = [p for p in sp.piecewise_fold(expr).args] if isinstance(
-        sp.piecewise_fold(expr), sp.Piecewise) else [(expr, sp.true)]
+    """(the branch valid for A != 0, all branches): sympy's integral splits on A == 0."""
+    folded = sp.piecewise_fold(expr)
+    pieces = folded.args if isinstance(folded, sp.Piecewise) else ((folded, sp.true),)
     return pieces[0][0], pieces
 
 
@@ -313,10 +321,11 @@ def _dense_source(method: str, backend: str) -> str:
 # --------------------------------------------------------------------------
 
 def _np_prepare(A, B, dt):
-    A, B, dt = np.asarray(A), np.asarray(B), np.asarray(dt)
-    scale = dt[..., None, None]
-    eye = np.eye(A.shape[-1], dtype=np.result_type(A, dt, float))
-    return scale * A, scale * B, eye
+    """M = dt*A and dt*B (batched over dt's shape, one common dtype), and I."""
+    A, B = np.asarray(A), np.asarray(B)
+    dtype = np.result_type(A, B, dt, 0.0)  # a Python dt is weakly typed (NEP 50)
+    scale = np.asarray(dt, dtype=dtype)[..., None, None]
+    return scale * A, scale * B, np.eye(A.shape[-1], dtype=dtype)
 
 
 def _np_phi1_times(M, X):
@@ -324,16 +333,16 @@ def _np_phi1_times(M, X):
     from .expm import expm
 
     return _block_phi1(M, X, expm, np.zeros, np.concatenate, np.broadcast_shapes,
-                       lambda t, s: np.broadcast_to(t, s))
+                       np.broadcast_to)
 
 
 def _block_phi1(M, X, exp, zeros, cat, shapes, expand):
+    """phi1(M) @ X = top-right block of exp([[M, X], [0, 0]]) (M, X of one dtype)."""
     n, k = M.shape[-1], X.shape[-1]
-    batch = shapes(M.shape[:-2], X.shape[:-2])
+    batch = tuple(shapes(M.shape[:-2], X.shape[:-2]))
     M, X = expand(M, batch + M.shape[-2:]), expand(X, batch + X.shape[-2:])
     bottom = zeros(batch + (k, n + k), dtype=M.dtype)
-    top = cat([M, X.astype(M.dtype) if hasattr(X, "astype") else X.to(M.dtype)], -1)
-    return exp(cat([top, bottom], -2))[..., :n, n:]
+    return exp(cat([cat([M, X], -1), bottom], -2))[..., :n, n:]
 
 
 def _finish(Abar, Bbar, M, dtB, expand):
@@ -352,32 +361,41 @@ def _numpy_namespace():
 def _torch_namespace():
     import torch
 
+    def tensor(x):
+        # Python numbers become 0-d float64/complex128: full precision, and 0-d
+        # tensors do not promote float32 operands.
+        if isinstance(x, torch.Tensor):
+            return x
+        if isinstance(x, numbers.Number):
+            return torch.tensor(x, dtype=torch.complex128 if isinstance(x, complex) else torch.float64)
+        return torch.as_tensor(x)
+
     def tensors(*xs):
-        out = [x if isinstance(x, torch.Tensor)
-               else torch.tensor(x, dtype=torch.complex128 if isinstance(x, complex) else torch.float64)
-               if isinstance(x, numbers.Number) else torch.as_tensor(x) for x in xs]
-        return out
+        return [tensor(x) for x in xs]
 
     def prepare(A, B, dt):
         A, B, dt = tensors(A, B, dt)
-        dtype = torch.promote_types(torch.promote_types(A.dtype, B.dtype), dt.dtype)
+        scale = dt if dt.ndim == 0 else dt[..., None, None]  # 0-d: weak in type promotion
+        M, dtB = scale * A, scale * B
+        dtype = torch.promote_types(M.dtype, dtB.dtype)
         if not (dtype.is_floating_point or dtype.is_complex):
             dtype = torch.get_default_dtype()
-        A, B = A.to(dtype), B.to(dtype)
-        scale = dt.to(dtype)[..., None, None]
         eye = torch.eye(A.shape[-1], dtype=dtype, device=A.device)
-        return scale * A, scale * B, eye
+        return M.to(dtype), dtB.to(dtype), eye
 
     def phi1_times(M, X):
-        return _block_phi1(M, X, torch.linalg.matrix_exp, torch.zeros,
-                           lambda ts, d: torch.cat(ts, d),
-                           lambda a, b: tuple(torch.broadcast_shapes(a, b)),
-                           lambda t, s: t.expand(s))
+        return _block_phi1(M, X, torch.linalg.matrix_exp, torch.zeros, torch.cat,
+                           torch.broadcast_shapes, torch.Tensor.expand)
 
-    return {"torch": torch, "_tensors": tensors, "prepare": prepare,
-            "solve": torch.linalg.solve, "expm": torch.linalg.matrix_exp,
+    def solve(a, b):
+        # Expand b's batch dims first: torch reads b (N, K) against a (H, N, N), H == N,
+        # as H vectors rather than one right-hand side matrix.
+        batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+        return torch.linalg.solve(a.expand(batch + a.shape[-2:]), b.expand(batch + b.shape[-2:]))
+
+    return {"torch": torch, "_tensors": tensors, "prepare": prepare, "solve": solve, "expm": torch.linalg.matrix_exp,
             "phi1_times": phi1_times,
-            "finish": lambda a, b, M, x: _finish(a, b, M, x, lambda t, s: t.expand(s))}
+            "finish": lambda a, b, M, x: _finish(a, b, M, x, torch.Tensor.expand)}
 
 
 _NAMESPACES = {"numpy": _numpy_namespace, "torch": _torch_namespace}

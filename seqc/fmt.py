@@ -133,7 +133,7 @@ def _bare(e) -> str:
         if e.op == "**":  # right-associative: atom ** unary
             left, right = _expr(e.left, _ATOM), _expr(e.right, _UNARY)
         else:             # left-associative: level op next-level
-            left, right = _expr(e.left, p), _expr(e.right, p + 1)
+            left, right = _expr(e.left, p), _expr(e.right, p)
         return f"{left} {e.op} {right}"
     if isinstance(e, ast.Neg):
         return "-" + _expr(e.operand, _UNARY)

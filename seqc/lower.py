@@ -58,7 +58,10 @@ def lower(graph: Graph) -> Program:
         spec = n.spec
         outs = [var(Ref(n.id, i), len(n.shapes)) for i in range(len(n.shapes))]
         args = [var(r, len(graph.nodes[r.node].shapes)) for r in n.inputs]
-        calls.append(Call(n.id, n.op, outs, args, dict(n.attrs), n.name, spec.has_weights, spec.stateful,
+        attrs = spec.runtime_attrs(n.attrs)
+        if "plan" in n.meta and "plan" in attrs:
+            attrs["plan"] = n.meta["plan"]
+        calls.append(Call(n.id, n.op, outs, args, attrs, n.name, spec.has_weights, spec.stateful,
                           dict(n.meta)))
     outputs = [var(r, len(graph.nodes[r.node].shapes)) for r in graph.outputs]
     return Program(graph.name, inputs, input_nodes, outputs, calls)

@@ -33,6 +33,7 @@ class Attr:
     max: float | None = None     # inclusive upper bound
     positive: bool = False       # strictly > 0
     doc: str = ""
+    init_only: bool = False      # read by the initialisers only; backends never see it
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,10 @@ class OpSpec:
 
     def attr(self, name: str) -> Attr | None:
         return next((a for a in self.attrs if a.name == name), None)
+
+    def runtime_attrs(self, attrs: dict) -> dict:
+        """The attributes a backend needs (initialisation-only ones dropped)."""
+        return {k: v for k, v in attrs.items() if not (self.attr(k) and self.attr(k).init_only)}
 
     @property
     def has_weights(self) -> bool:
@@ -107,6 +112,9 @@ def _check_same(shapes, attrs):
     return [tuple(a)]
 
 
+_DT_ATTRS = (Attr("dt_min", "float", 1e-3, positive=True, init_only=True),
+             Attr("dt_max", "float", 1e-1, positive=True, init_only=True),
+             Attr("dt_init_floor", "float", 1e-4, positive=True, init_only=True))
 _ACTIVATIONS = ("identity", "silu", "gelu", "relu", "softplus", "sigmoid", "tanh")
 _PLANS = ("auto", "conv", "scan", "recurrent")
 _DISC = ("zoh", "bilinear", "euler", "backward_euler", "mamba")
@@ -120,10 +128,9 @@ def _linear_shape(s, a):
 op(OpSpec("linear", ("x",), (
     Attr("out", "int", positive=True, doc="output features"),
     Attr("bias", "bool", True),
-    Attr("init", "enum", "default", ("default", "mamba_dt", "zeros"),
+    Attr("init", "enum", "default", ("default", "mamba_dt", "zeros"), init_only=True,
          doc="default: torch.nn.Linear; mamba_dt: Mamba's dt_proj (weight ±dt_rank^-0.5, bias inverse-softplus dt)"),
-    Attr("dt_min", "float", 1e-3, positive=True), Attr("dt_max", "float", 1e-1, positive=True),
-    Attr("dt_init_floor", "float", 1e-4, positive=True),
+    *_DT_ATTRS,
 ), shape=_linear_shape,
    weights=lambda s, a: {"weight": (a["out"], int(_last(s[0]))), **({"bias": (a["out"],)} if a["bias"] else {})},
    doc="y = x W^T + b over the last dimension"))
@@ -248,10 +255,10 @@ op(OpSpec("ssm", ("u",), (
     Attr("d_state", "int", 64, positive=True, max=4096),
     Attr("kind", "enum", "diag", ("diag", "dense", "s5", "shift"),
          doc="diag: S4D; dense: shared dense A (small N); s5: MIMO S5; shift: H3's shift SSM"),
-    Attr("init", "enum", "s4d-lin", _SSM_INITS),
+    Attr("init", "enum", "s4d-lin", _SSM_INITS, init_only=True),
     Attr("disc", "enum", "zoh", ("zoh", "bilinear", "euler", "backward_euler")),
     Attr("plan", "enum", "auto", _PLANS),
-    Attr("dt_min", "float", 1e-3, positive=True), Attr("dt_max", "float", 1e-1, positive=True),
+    *_DT_ATTRS[:2],
 ), shape=_ssm_shape, weights=_ssm_weights, state=_ssm_state, time_invariant=True,
    doc="linear time-invariant state-space layer (S4D by default)"))
 
@@ -284,8 +291,7 @@ op(OpSpec("selective_ssm", ("u", "delta", "B", "C", "z"), (
     Attr("delta_softplus", "bool", True),
     Attr("disc", "enum", "mamba", ("mamba", "zoh", "bilinear")),
     Attr("plan", "enum", "auto", _PLANS),
-    Attr("dt_min", "float", 1e-3, positive=True), Attr("dt_max", "float", 1e-1, positive=True),
-    Attr("dt_init_floor", "float", 1e-4, positive=True),
+    *_DT_ATTRS,
 ), optional_inputs=("z",), shape=_sel_shape, weights=_sel_weights,
    state=lambda s, a: {"x": (int(_last(s[0])), a["d_state"])},
    doc="Mamba's selective scan with optional silu(z) gate"))

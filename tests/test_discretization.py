@@ -129,7 +129,7 @@ def test_mamba_is_zoh_for_A_and_euler_for_B():
 def zoh_b_mpmath(a, dt, b):
     with mpmath.workdps(50):
         a, dt = mpmath.mpmathify(a), mpmath.mpf(dt)
-        value = dt if a == 0 else (mpmath.exp(a * dt) - 1) / a
+        value = dt if a == 0 else mpmath.expm1(a * dt) / a
         return complex(value * b)
 
 
@@ -171,6 +171,9 @@ def test_torch_float32_stays_float32():
     ref = discretize(a.double().numpy(), np.ones(3), 0.1)
     np.testing.assert_allclose(abar.numpy(), ref[0], rtol=1e-6)
     np.testing.assert_allclose(bbar.numpy(), ref[1], rtol=1e-6)
+    Abar, Bbar = discretizer("dense", "zoh", "torch")(torch.diag(a), torch.ones(3, 1), 0.1)
+    assert Abar.dtype == Bbar.dtype == torch.float32
+    np.testing.assert_allclose(Bbar[:, 0].numpy(), ref[1], rtol=1e-5)
 
 
 @pytest.mark.parametrize("method", disc.METHODS)

@@ -25,28 +25,27 @@ class NumpyRenderer(Renderer):
         return out
 
     def _p(self, c: Call) -> str:
-        return f"p{c.node}" if c.has_weights else "{}"
+        return f", p=p{c.node}" if c.has_weights else ""
 
     def call(self, c: Call, state_in, step):
-        args = ", ".join(c.args)
         kw = kwargs(c.attrs)
         fn = f"ops.{c.op}_step" if (c.stateful and step) else f"ops.{c.op}"
         state = f", state={state_in}" if c.stateful else ""
-        return f"{fn}({args}, p={self._p(c)}{state}{', ' + kw if kw else ''})"
+        return f"{fn}({', '.join(c.args)}{self._p(c)}{state}{', ' + kw if kw else ''})"
 
     def init_state(self, c: Call) -> str:
         kw = kwargs(c.attrs)
-        return f"ops.{c.op}_init_state(batch, p={self._p(c)}{', ' + kw if kw else ''})"
+        return f"ops.{c.op}_init_state(batch{self._p(c) or ', p={}'}{', ' + kw if kw else ''})"
 
 
 def _key(prefix: str, k: str) -> str:
     return f"{prefix}.{k}" if prefix else k
 
 
-def emit(graph) -> str:
+def emit(graph, trace: bool = False) -> str:
     program = lower(graph)
     names = {c.node: list(graph.nodes[c.node].weight_shapes()) for c in program.calls if c.has_weights}
-    return generate(program, NumpyRenderer(names))
+    return generate(program, NumpyRenderer(names), trace=trace)
 
 
 class NumpyModel:
@@ -99,6 +98,15 @@ class NumpyModel:
         xs = self._inputs(xs)
         _check_shapes(self.graph, xs)
         return self._forward(*xs, self._check(weights), state=state, return_state=return_state)
+
+    def trace(self, *xs, weights=None) -> tuple:
+        """(output, {node_id: value}) - every intermediate result, for difftest."""
+        from . import ops
+        ns = compile_source(emit(self.graph, trace=True), self.graph.name + "-traced", {"ops": ops, "np": np})
+        xs = self._inputs(xs)
+        values = {}
+        out = ns["forward_traced"](*xs, self._check(weights), trace=values)
+        return out, values
 
     def init_state(self, batch: int, weights=None):
         return self._init_state(batch, self._check(weights))

@@ -38,5 +38,12 @@ class TorchRenderer(Renderer):
         return f"{module_path(c.name)}.init_state(batch, **self.state_options())"
 
 
-def emit(graph) -> str:
-    return generate(lower(graph), TorchRenderer(graph.name))
+RESERVED = {"SeqcModule", "run", "fn"}
+
+
+def class_name(graph) -> str:
+    return graph.name + "Model" if graph.name in RESERVED else graph.name
+
+
+def emit(graph, trace: bool = False) -> str:
+    return generate(lower(graph), TorchRenderer(class_name(graph)), trace=trace)

@@ -3,6 +3,8 @@ names (so ``get_submodule`` and ``state_dict`` keys follow the spec), the base
 class the generated code subclasses, and weight loading."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import torch
 from torch import nn
@@ -11,7 +13,7 @@ from seqc.codegen import compile_source
 from seqc.errors import SeqcError
 
 from . import functional
-from .codegen import emit
+from .codegen import class_name, emit
 from .layers import LAYERS
 
 
@@ -46,6 +48,13 @@ class SeqcModule(nn.Module):
             return {"dtype": torch.get_default_dtype(), "device": None}
         return {"dtype": p.dtype if p.is_floating_point() else torch.get_default_dtype(), "device": p.device}
 
+    def trace(self, *xs) -> tuple:
+        """(output, {node_id: value}) - every intermediate result, for difftest."""
+        ns = compile_source(emit(self.graph, trace=True), self.graph.name + "-traced", _namespace())
+        values = {}
+        out = ns[class_name(self.graph)].forward_traced(self, *xs, trace=values)
+        return out, values
+
     def load_numpy(self, weights: dict) -> "SeqcModule":
         """Load a dict of NumPy arrays keyed like state_dict (e.g. from seqc.init)."""
         own = self.state_dict()
@@ -65,7 +74,7 @@ class SeqcModule(nn.Module):
 def _build_tree(root: nn.Module, graph) -> None:
     layers = {}
     for n in graph.layers():
-        in_features = [int(s[-1]) if len(s) else 1 for s in n.input_shapes]
+        in_features = [int(s[-1]) if len(s) and getattr(s[-1], "is_number", True) else 1 for s in n.input_shapes]
         cls = LAYERS[n.op]
         mod = cls(in_features, dict(n.attrs))
         plan = n.meta.get("plan")
@@ -85,10 +94,14 @@ def _build_tree(root: nn.Module, graph) -> None:
         made[path] = mod
 
 
+def _namespace() -> dict:
+    return {"SeqcModule": SeqcModule, "run": run, "fn": SimpleNamespace(**functional.FUNCTIONS)}
+
+
 def build_module(graph, weights: dict | None = None) -> SeqcModule:
     source = emit(graph)
-    ns = compile_source(source, graph.name, {"SeqcModule": SeqcModule, "run": run, "fn": functional})
-    cls = ns[graph.name]
+    ns = compile_source(source, graph.name, _namespace())
+    cls = ns[class_name(graph)]
     model = cls(graph, source)
     if weights is not None:
         model.load_numpy(weights)
