@@ -22,6 +22,7 @@ __version__ = "0.1.0"
 
 from .analysis import build_graph  # noqa: E402
 from .compiler import compile  # noqa: E402,A001
+from .differential import difftest  # noqa: E402
 from .discretization import discretize  # noqa: E402
 
 __all__ += ["build_graph", "compile", "discretize", "difftest", "interop"]
@@ -31,7 +32,4 @@ def __getattr__(name):  # lazy: these pull in torch
     if name == "interop":
         from . import interop
         return interop
-    if name == "difftest":
-        from .difftest import difftest
-        return difftest
     raise AttributeError(name)

@@ -147,7 +147,7 @@ cmd_run.options = [
 
 @command("difftest", "run two backends on the same weights and inputs and compare every node")
 def cmd_difftest(args) -> int:
-    from .difftest import difftest
+    from .differential import difftest
     backends = tuple(b.strip() for b in args.backends.split(","))
     modes = tuple(m.strip() for m in args.modes.split(",")) if args.modes else ("auto",) * len(backends)
     report = difftest(args.file, backends, _params(args.param), seed=args.seed,

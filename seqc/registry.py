@@ -339,7 +339,7 @@ op(OpSpec("attention", ("x",), (
     Attr("heads", "int", positive=True, max=4096), Attr("bias", "bool", False),
     Attr("plan", "enum", "auto", ("auto", "recurrent")),
 ), shape=_attn_shape, weights=_attn_weights,
-   state=lambda s, a: {"kv": ("cache",)},
+   state=lambda s, a: {k: (a["heads"], 0, int(_last(s[0])) // a["heads"]) for k in ("k", "v")},  # KV cache, grows
    doc="causal multi-head scaled dot-product attention with q/k/v/o projections"))
 
 

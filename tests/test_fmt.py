@@ -13,6 +13,8 @@ import seqc
 from seqc import ast as A
 from seqc.fmt import KEYWORDS, format_expr, format_module
 
+seqc.parse("model M() {}")  # the parser raises the recursion limit once; do it before hypothesis watches
+
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((ROOT / "examples").glob("**/*.seq"))
 SETTINGS = settings(max_examples=200, deadline=None, database=None, derandomize=True,
@@ -34,6 +36,9 @@ strings = st.text(st.characters(blacklist_categories=("Cc", "Cs", "Zl", "Zp"), b
 leaves = st.one_of(numbers, strings, st.booleans().map(A.Bool), names.map(A.Name))
 
 
+OPS = ["+", "-", "*", "/", "//", "%", "**"]
+
+
 def _unique_keywords(kws):
     seen, out = set(), []
     for k in kws:
@@ -47,7 +52,7 @@ def _branches(sub):
     small = st.lists(sub, max_size=3).map(tuple)
     keywords = st.lists(st.builds(A.Keyword, names, sub), max_size=3).map(_unique_keywords)
     return st.one_of(
-        st.builds(A.BinOp, st.sampled_from(["+", "-", "*", "/", "//", "%", "**"]), sub, sub),
+        st.builds(A.BinOp, st.sampled_from(OPS), sub, sub),
         st.builds(A.Neg, sub),
         st.builds(A.ListExpr, small),
         st.builds(A.Call, names, small, keywords),
@@ -55,6 +60,13 @@ def _branches(sub):
 
 
 exprs = st.recursive(leaves, _branches, max_leaves=12)
+
+# operators only, densely nested: where precedence and associativity are decided
+arithmetic = st.recursive(
+    st.one_of(st.sampled_from("abc").map(A.Name), st.integers(0, 9).map(A.Number), st.just(A.Number(0.5))),
+    lambda sub: st.one_of(st.builds(A.BinOp, st.sampled_from(OPS), sub, sub),
+                          st.builds(A.BinOp, st.sampled_from(OPS), sub, sub), st.builds(A.Neg, sub)),
+    max_leaves=8)
 
 statements = st.one_of(
     st.builds(A.InputDecl, names, st.lists(exprs, min_size=1, max_size=4).map(tuple), st.none() | names),
@@ -89,8 +101,8 @@ def test_round_trip_random_modules(module):
     assert format_module(back) == text
 
 
-@SETTINGS
-@given(exprs)
+@settings(SETTINGS, max_examples=300)
+@given(st.one_of(arithmetic, exprs))
 def test_round_trip_and_minimal_parentheses(expr):
     text = format_expr(expr)
     assert same(_parse_expr(text), expr), text

@@ -23,6 +23,7 @@ autocast off, whatever the input precision.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -99,6 +100,11 @@ def check_lengths(lengths, x, minimum: int = 0):
 def at_positions(x, index):
     """x[b, index[b]] for x (B, T, ...)."""
     return x[torch.arange(x.shape[0], device=x.device), index]
+
+
+def _from_zero(x):
+    """States (B, L, ...) after 1..L steps, with the zero state before them: index = steps taken."""
+    return torch.cat([torch.zeros_like(x[:, :1]), x], 1)
 
 
 def right_align(u, lengths):
@@ -263,8 +269,9 @@ class LinearSystem:
             return F.pad(x[..., :max(n - p, 0)], (min(p, n), 0))
         return p * x
 
-    def square(self, p):
-        return p + p if self.transition == "shift" else p @ p if self.transition == "matrix" else p * p
+    def compose(self, p, q):
+        """The transition p q (p after q) for powers p, q of a."""
+        return p + q if self.transition == "shift" else p @ q if self.transition == "matrix" else p * q
 
     def inject(self, u):
         """(..., H) real inputs -> (..., *state) increments Bbar u."""
@@ -291,9 +298,8 @@ class LinearSystem:
         return K.permute(2, 1, 0) if self.mimo else K.transpose(0, 1)
 
     def drive(self, G, u):
-        """sum_l G[l] u[:, l]: the state that inputs u (B, L, H) reach, G (L, ...) pre-flipped."""
-        u = u.to(G.dtype)
-        return torch.einsum("lis,bli->bs" if self.mimo else "lhs,blh->bhs", G, u)
+        """sum_l G[l] u[:, l] (SISO): the state that inputs u (B, L, H) reach, G (L, H, S) pre-flipped."""
+        return torch.einsum("lhs,blh->bhs", G, u.to(G.dtype))
 
     def unpack(self, x):
         return torch.complex(x[..., 0], x[..., 1]) if self.complex else x
@@ -344,28 +350,72 @@ def powers(system: LinearSystem, v, n: int):
     out, p = v.unsqueeze(0), system.a
     while out.shape[0] < n:
         out = torch.cat([out, system.apply(p, out)], 0)
-        p = system.square(p)
+        p = system.compose(p, p)
     return out[:n]
 
 
-def linear_scan(system: LinearSystem, b):
-    """x_t = a x_{t-1} + b_t with x_{-1} = 0 over axis 1 of b (B, T, ...), by doubling."""
-    x, p, d = b, system.a, 1
-    while d < b.shape[1]:
-        x = torch.cat([x[:, :d], x[:, d:] + system.apply(p, x[:, :-d])], 1)
-        p, d = system.square(p), 2 * d
-    return x
+def _power(system: LinearSystem, k: int):
+    """a^k (k >= 1) by binary exponentiation."""
+    result, p = None, system.a
+    while True:
+        if k & 1:
+            result = p if result is None else system.compose(result, p)
+        k >>= 1
+        if not k:
+            return result
+        p = system.compose(p, p)
+
+
+def _recur(system: LinearSystem, p, b, x=None):
+    """x_t = p x_{t-1} + b_t over axis 1 of b, one step at a time (x_{-1} = x, or 0)."""
+    xs = []
+    for t in range(b.shape[1]):
+        x = b[:, t] if x is None else system.apply(p, x) + b[:, t]
+        xs.append(x)
+    return torch.stack(xs, 1)
+
+
+def linear_scan(system: LinearSystem, b, chunk: int | None = None):
+    """x_t = a x_{t-1} + b_t with x_{-1} = 0 over axis 1 of b (B, L, ...).
+
+    Chunked (about 3 sqrt(L) vectorised steps): every chunk of `chunk` steps
+    (default ceil(sqrt(L))) is scanned from zero at once, the chunk-end states
+    are carried across chunks with a^chunk, and each chunk then adds
+    a^(t+1) times the state it started from.
+    """
+    batch, length, *state = b.shape
+    size = chunk or max(1, math.isqrt(max(length - 1, 0)) + 1)
+    count = -(-length // size)
+    if count <= 1:
+        return _recur(system, system.a, b)
+    padded = torch.cat([b, b.new_zeros(batch, count * size - length, *state)], 1)
+    local = _recur(system, system.a, padded.view(batch * count, size, *state)).view(batch, count, size, *state)
+    ends = _recur(system, _power(system, size), local[:, :, -1])            # state after each chunk
+    z = torch.cat([torch.zeros_like(ends[:, :1]), ends[:, :-1]], 1)      # state before each chunk
+    carried = []
+    for _ in range(size):
+        z = system.apply(system.a, z)
+        carried.append(z)
+    x = local + torch.stack(carried, 2)
+    return x.reshape(batch, count * size, *state)[:, :length]
+
+
+def free_response(system: LinearSystem, x0, n: int):
+    """(B, n, *state): a^(t+1) x0 for t = 0 .. n-1."""
+    first = system.apply(system.a, x0).unsqueeze(1)
+    return linear_scan(system, torch.cat([first, first.new_zeros((x0.shape[0], n - 1) + x0.shape[1:])], 1))
 
 
 def causal_conv(u, K):
-    """y[:, l] = sum_{s<=l} K[..., l-s] u[:, s] by a real FFT of size 2L; u (B, L, H),
-    K (H, L) per channel or (H_out, H_in, L) MIMO."""
-    length = u.shape[1]
-    n = 2 * length
-    U = torch.fft.rfft(u.transpose(1, 2), n=n)
-    Kf = torch.fft.rfft(K, n=n)
+    """y[:, l] = sum_{s<=l} K[..., l-s] u[:, s] by an FFT of size 2L (real FFT for real data);
+    u (B, L, H), K (H, L) per channel or (H_out, H_in, L) MIMO."""
+    length, n = u.shape[1], 2 * u.shape[1]
+    real = not (u.is_complex() or K.is_complex())
+    fft = torch.fft.rfft if real else torch.fft.fft
+    U, Kf = fft(u.transpose(1, 2), n=n), fft(K, n=n)
     Y = U * Kf if K.dim() == 2 else torch.einsum("oif,bif->bof", Kf, U)
-    return torch.fft.irfft(Y, n=n)[..., :length].transpose(1, 2)
+    y = torch.fft.irfft(Y, n=n) if real else torch.fft.ifft(Y, n=n)
+    return y[..., :length].transpose(1, 2)
 
 
 class SSM(Recurrent):
@@ -417,17 +467,25 @@ class SSM(Recurrent):
 
     @staticmethod
     def _conv(system, u, x0, lengths, want_state):
+        """Kernel plan: FFT convolution plus the free response of x0; final state in closed form."""
         length = u.shape[1]
-        G = powers(system, system.impulse(), length)
-        y = causal_conv(u, system.kernel(G))
         final = None
-        if want_state:   # x_L = sum_s a^(L-1-s) Bbar u_s
-            final = system.drive(G.flip(0), u if lengths is None else right_align(u, lengths))
-        if x0 is not None:   # the free response a^(l+1) x0
-            free = powers(system, x0, length + 1).transpose(0, 1)
-            y = y + system.read(free[:, 1:])
+        if system.mimo:   # H x H kernels would cost H^2 L: convolve the P modes, then read out
+            x = causal_conv(system.inject(u), powers(system, torch.ones_like(system.a), length).T)
+            y = system.read(x)
             if want_state:
-                final = final + (free[:, -1] if lengths is None else at_positions(free, lengths))
+                final = x[:, -1] if lengths is None else at_positions(_from_zero(x), lengths)
+        else:
+            G = powers(system, system.impulse(), length)            # G[l] = a^l Bbar
+            y = causal_conv(u, system.kernel(G))
+            if want_state:   # x_L = sum_s a^(L-1-s) Bbar u_s
+                final = system.drive(G.flip(0), u if lengths is None else right_align(u, lengths))
+        if x0 is not None:
+            free = free_response(system, x0, length)
+            y = y + system.read(free)
+            if want_state:
+                final = final + (free[:, -1] if lengths is None else
+                                 at_positions(torch.cat([x0.unsqueeze(1), free], 1), lengths))
         return y, final
 
     def step(self, u_t, state=None):
@@ -611,4 +669,4 @@ LAYERS = {cls.op: cls for cls in (Linear, Conv1d, LayerNorm, RMSNorm, Embedding,
 
 __all__ = ["LAYERS", "Layer", "Pointwise", "Recurrent", "Linear", "Conv1d", "LayerNorm", "RMSNorm",
            "Embedding", "SSM", "SelectiveSSM", "LSTM", "Attention", "LinearSystem", "SYSTEMS", "powers",
-           "linear_scan", "causal_conv", "with_defaults", "check_lengths"]
+           "linear_scan", "free_response", "causal_conv", "with_defaults", "check_lengths"]

@@ -138,72 +138,151 @@ class _TorchEngine:
 
 # --------------------------------------------------------------------------- #
 # numba engine: fused kernels, analytic adjoint
+#
+# Kernels work on the natural (batch, L, D) layout; a job is (batch, block of
+# _W channels) and the innermost loop runs over the channels of the block, so
+# it vectorises without reordering any sum except the cross-channel ones of
+# dB and dC (hence ``reassoc`` on the backward kernel only).  exp() is a
+# vectorisable polynomial (libm's exp would keep every loop scalar), compiled
+# without fast-math so its range reduction stays exact.
 # --------------------------------------------------------------------------- #
-def _fwd_kernel(u, dt, A, B, C, x0, chunk, y, ckpt, xL):  # pragma: no cover - JIT
-    """u, dt, y: (b, D, L); A (D, N); B, C (b, L, N); x0, xL (b, D, N);
-    ckpt (b, D, nchunks, N) receives the state before each chunk."""
-    nb, nd, L = u.shape
-    N = A.shape[1]
-    for job in _prange(nb * nd):
-        b, d = job // nd, job % nd
-        x = xL[b, d]
-        x[:] = x0[b, d]
+_W = 16
+
+
+def _exp(x):
+    """exp; inside the kernels, the numba overload registered by ``_numba_kernels``."""
+    return math.exp(x)
+
+
+def _fwd_kernel(u, dt, AT, B, C, x0, chunk, y, ckpt, xL):  # pragma: no cover - JIT
+    """u, dt, y: (b, L, D); AT: (N, D); B, C: (b, L, N); x0, xL: (b, N, D);
+    ckpt (b, nchunks, N, D) receives the state before each chunk."""
+    nb, L, nd = u.shape
+    N = AT.shape[0]
+    nw = -(-nd // _W)
+    for job in _prange(nb * nw):
+        b, d0 = job // nw, (job % nw) * _W
+        d1 = min(nd, d0 + _W)
+        x = xL[b, :, d0:d1]
+        x[:] = x0[b, :, d0:d1]
         for t in range(L):
             if t % chunk == 0:
-                ckpt[b, d, t // chunk, :] = x
-            dtt = dt[b, d, t]
-            dtu = dtt * u[b, d, t]
-            acc = 0.0
+                ckpt[b, t // chunk, :, d0:d1] = x
+            dtt, ut, yt = dt[b, t, d0:d1], u[b, t, d0:d1], y[b, t, d0:d1]
+            yt[:] = 0
             for n in range(N):
-                x[n] = math.exp(dtt * A[d, n]) * x[n] + dtu * B[b, t, n]
-                acc += C[b, t, n] * x[n]
-            y[b, d, t] = acc
+                bn, cn, an, xn = B[b, t, n], C[b, t, n], AT[n, d0:d1], x[n]
+                for j in range(d1 - d0):
+                    v = _exp(dtt[j] * an[j]) * xn[j] + dtt[j] * ut[j] * bn
+                    xn[j] = v
+                    yt[j] += cn * v
 
 
-def _bwd_kernel(u, dt, A, B, C, ckpt, gy, gx, chunk, nblk,
-                xs, als, du, ddt, dA, dB, dC):  # pragma: no cover - JIT
-    """Adjoint of ``_fwd_kernel``.  Jobs are (batch, block of channels); job j
-    owns workspaces xs[j] (chunk+1, N), als[j] (chunk, N) and partial sums
-    dB[j], dC[j] (L, N).  gx (b, D, N) enters as the final-state gradient and
-    leaves as the initial-state gradient; dA (b, D, N) is per batch."""
-    nb, nd, L = u.shape
-    N = A.shape[1]
-    nck = ckpt.shape[2]
-    for job in _prange(nb * nblk):
-        b, k = job // nblk, job % nblk
-        x, a, h = xs[job], als[job], gx[b]
-        for d in range(k * nd // nblk, (k + 1) * nd // nblk):
-            for c in range(nck - 1, -1, -1):
-                t0 = c * chunk
-                t1 = min(L, t0 + chunk)
-                x[0, :] = ckpt[b, d, c]
-                for t in range(t0, t1):  # recompute this chunk's states
-                    i = t - t0
-                    dtu = dt[b, d, t] * u[b, d, t]
-                    for n in range(N):
-                        a[i, n] = math.exp(dt[b, d, t] * A[d, n])
-                        x[i + 1, n] = a[i, n] * x[i, n] + dtu * B[b, t, n]
-                for t in range(t1 - 1, t0 - 1, -1):  # adjoint recurrence
-                    i = t - t0
-                    g, dtt, ut = gy[b, d, t], dt[b, d, t], u[b, d, t]
-                    s_b = 0.0
-                    s_a = 0.0
-                    for n in range(N):
-                        hn = h[d, n] + g * C[b, t, n]
-                        dC[job, t, n] += g * x[i + 1, n]
-                        dB[job, t, n] += hn * dtt * ut
-                        s_b += hn * B[b, t, n]
-                        q = hn * x[i, n] * a[i, n]
-                        s_a += q * A[d, n]
-                        dA[b, d, n] += q * dtt
-                        h[d, n] = hn * a[i, n]
-                    ddt[b, d, t] = ut * s_b + s_a
-                    du[b, d, t] = dtt * s_b
+def _bwd_kernel(u, dt, AT, B, C, ckpt, gy, chunk, h, xs, als,
+                du, ddt, dA, dB, dC):  # pragma: no cover - JIT
+    """Adjoint of ``_fwd_kernel``.  h (b, N, D) enters as the final-state
+    gradient and leaves as the initial-state gradient; dA (b, N, D) is per
+    batch; job j owns workspaces xs[j] (chunk+1, N, _W), als[j] (chunk, N, _W)
+    and writes its channels' share of dB, dC into dB[b, k], dC[b, k] (L, N)."""
+    nb, L, nd = u.shape
+    N = AT.shape[0]
+    nw = -(-nd // _W)
+    for job in _prange(nb * nw):
+        b, k = job // nw, job % nw
+        d0 = k * _W
+        w = min(nd, d0 + _W) - d0
+        x, a, hb = xs[job], als[job], h[b, :, d0:d0 + w]
+        for c in range(ckpt.shape[1] - 1, -1, -1):
+            t0 = c * chunk
+            t1 = min(L, t0 + chunk)
+            x[0, :, :w] = ckpt[b, c, :, d0:d0 + w]
+            for t in range(t0, t1):  # recompute this chunk's states
+                i = t - t0
+                dtt, ut = dt[b, t, d0:d0 + w], u[b, t, d0:d0 + w]
+                for n in range(N):
+                    bn, an = B[b, t, n], AT[n, d0:d0 + w]
+                    for j in range(w):
+                        e = _exp(dtt[j] * an[j])
+                        a[i, n, j] = e
+                        x[i + 1, n, j] = e * x[i, n, j] + dtt[j] * ut[j] * bn
+            for t in range(t1 - 1, t0 - 1, -1):  # adjoint recurrence
+                i = t - t0
+                dtt, ut, g = dt[b, t, d0:d0 + w], u[b, t, d0:d0 + w], gy[b, t, d0:d0 + w]
+                s_b, s_a = du[b, t, d0:d0 + w], ddt[b, t, d0:d0 + w]
+                s_b[:] = 0
+                s_a[:] = 0
+                for n in range(N):
+                    bn, cn, an, dAn, hn = B[b, t, n], C[b, t, n], AT[n, d0:d0 + w], dA[b, n, d0:d0 + w], hb[n]
+                    sum_b = 0.0
+                    sum_c = 0.0
+                    for j in range(w):
+                        hv = hn[j] + g[j] * cn
+                        sum_c += g[j] * x[i + 1, n, j]
+                        sum_b += hv * dtt[j] * ut[j]
+                        s_b[j] += hv * bn
+                        q = hv * x[i, n, j] * a[i, n, j]
+                        s_a[j] += q * an[j]
+                        dAn[j] += q * dtt[j]
+                        hn[j] = hv * a[i, n, j]
+                    dB[b, k, t, n] = sum_b
+                    dC[b, k, t, n] = sum_c
+                for j in range(w):
+                    s_a[j] += ut[j] * s_b[j]
+                    s_b[j] *= dtt[j]
 
 
 _NUMBA = {}
+_prange = range  # replaced by numba.prange once numba is loaded
 
 
+def _register_numba_exp(numba):
+    """Overload ``_exp`` for numba: float32 Cephes expf and float64 degree-13
+    Taylor, both after Cody-Waite reduction, 2**k built from its bits."""
+    import numpy as np
+    from llvmlite import ir
+    from numba import types
+    from numba.extending import intrinsic, overload
+
+    @intrinsic
+    def as_float(typingctx, bits, like):
+        """Reinterpret the low bits of integer ``bits`` as a float of ``like``'s type."""
+        def codegen(context, builder, signature, args):
+            ity = ir.IntType(like.bitwidth)
+            bits = builder.trunc(args[0], ity) if args[0].type.width > ity.width else args[0]
+            return builder.bitcast(bits, context.get_value_type(like))
+        return like(bits, like), codegen
+
+    f32 = np.float32
+    c32 = [f32(v) for v in (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3,
+                            4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1)]
+    p0, p1, p2, p3, p4, p5 = c32
+    lo32, hi32, l2e32, half32 = f32(-87.3), f32(88.3), f32(1.4426950408889634), f32(0.5)
+    ln2hi32, ln2lo32, one32 = f32(0.693359375), f32(-2.12194440e-4), f32(1.0)
+    t64 = tuple(1.0 / math.factorial(i) for i in range(13, 1, -1))
+
+    @numba.njit
+    def exp32(x):
+        x = x if not (x < lo32) else lo32
+        x = x if not (x > hi32) else hi32
+        k = math.floor(x * l2e32 + half32)
+        r = (x - k * ln2hi32) - k * ln2lo32
+        p = ((((p0 * r + p1) * r + p2) * r + p3) * r + p4) * r + p5
+        return (p * r * r + r + one32) * as_float((np.int32(k) + 127) << 23, x)
+
+    @numba.njit
+    def exp64(x):
+        x = x if not (x < -708.0) else -708.0
+        x = x if not (x > 709.0) else 709.0
+        k = math.floor(x * 1.4426950408889634 + 0.5)
+        r = (x - k * 0.6931471803691238) - k * 1.9082149292705877e-10
+        p = 0.0
+        for coef in t64:
+            p = p * r + coef
+        return ((p * r + 1.0) * r + 1.0) * as_float((np.int64(k) + 1023) << 52, x)
+
+    @overload(_exp)
+    def _exp_overload(x):
+        return (lambda x: exp32(x)) if x == types.float32 else (lambda x: exp64(x))
 def _numba_kernels():
     """Compile (or load from cache) the two kernels; None if numba is unavailable."""
     if "kernels" not in _NUMBA:
@@ -214,53 +293,46 @@ def _numba_kernels():
         else:
             global _prange
             _prange = numba.prange
-            jit = numba.njit(parallel=True, fastmath=False, cache=True)
-            _NUMBA["kernels"] = (jit(_fwd_kernel), jit(_bwd_kernel))
+            _register_numba_exp(numba)
+            jit = lambda fm: numba.njit(parallel=True, fastmath=fm, cache=True)  # noqa: E731
+            _NUMBA["kernels"] = (jit({"contract"})(_fwd_kernel),
+                                 jit({"contract", "reassoc"})(_bwd_kernel))
     return _NUMBA["kernels"]
 
 
-_prange = range  # replaced by numba.prange once numba is loaded
-
-
 class _NumbaEngine:
-    """CPU core for ``disc="mamba"``: one forward and one backward kernel."""
+    """CPU core for ``disc="mamba"``: one forward and one backward kernel.
+    States cross the kernel boundary as (b, N, D); the API uses (b, D, N)."""
 
     def __init__(self, chunk, kernels):
         self.chunk = chunk
         self.fwd, self.bwd = kernels
 
     @staticmethod
-    def _cl(t):  # (b, L, D) torch -> contiguous (b, D, L) numpy
-        return t.detach().transpose(1, 2).contiguous().numpy()
+    def _np(*tensors):
+        return [t.detach().contiguous().numpy() for t in tensors]
 
     def forward(self, u, delta, A, B, C, x0):
         b, L, d = u.shape
-        nck = -(-L // self.chunk)
-        y = torch.empty(b, d, L, dtype=u.dtype)
-        ckpt = torch.empty(b, d, nck, A.shape[1], dtype=u.dtype)
-        xL = torch.empty_like(x0)
-        self.fwd(self._cl(u), self._cl(delta), A.detach().contiguous().numpy(),
-                 B.detach().contiguous().numpy(), C.detach().contiguous().numpy(),
-                 x0.detach().contiguous().numpy(), self.chunk,
+        N = A.shape[1]
+        y = u.new_empty(b, L, d)
+        ckpt = u.new_empty(b, -(-L // self.chunk), N, d)
+        xL = u.new_empty(b, N, d)
+        self.fwd(*self._np(u, delta, A.t(), B, C, x0.transpose(1, 2)), self.chunk,
                  y.numpy(), ckpt.numpy(), xL.numpy())
-        return y.transpose(1, 2), xL, ckpt
+        return y, xL.transpose(1, 2), ckpt
 
     def backward(self, u, delta, A, B, C, ckpt, gy, gx):
         b, L, d = u.shape
-        N = A.shape[1]
-        nblk = min(d, max(1, -(-4 * torch.get_num_threads() // b)))
-        jobs = b * nblk
-        new = lambda *shape: torch.zeros(*shape, dtype=u.dtype)  # noqa: E731
-        du, ddt = new(b, d, L), new(b, d, L)
-        dA, dB, dC = new(b, d, N), new(jobs, L, N), new(jobs, L, N)
-        h = gx.detach().to(u.dtype).contiguous().clone()
-        self.bwd(self._cl(u), self._cl(delta), A.detach().contiguous().numpy(),
-                 B.detach().contiguous().numpy(), C.detach().contiguous().numpy(),
-                 ckpt.numpy(), self._cl(gy), h.numpy(), self.chunk, nblk,
-                 new(jobs, self.chunk + 1, N).numpy(), new(jobs, self.chunk, N).numpy(),
-                 du.numpy(), ddt.numpy(), dA.numpy(), dB.numpy(), dC.numpy())
-        fold = lambda t: t.view(b, nblk, L, N).sum(1)  # noqa: E731
-        return du.transpose(1, 2), ddt.transpose(1, 2), dA.sum(0), fold(dB), fold(dC), h
+        N, nw = A.shape[1], -(-d // _W)
+        h = gx.detach().to(u.dtype).transpose(1, 2).contiguous()
+        du, ddt, dA = u.new_empty(b, L, d), u.new_empty(b, L, d), u.new_zeros(b, N, d)
+        dB, dC = u.new_empty(b, nw, L, N), u.new_empty(b, nw, L, N)
+        xs, als = u.new_empty(b * nw, self.chunk + 1, N, _W), u.new_empty(b * nw, self.chunk, N, _W)
+        self.bwd(*self._np(u, delta, A.t(), B, C, ckpt, gy), self.chunk, h.numpy(),
+                 xs.numpy(), als.numpy(), du.numpy(), ddt.numpy(), dA.numpy(),
+                 dB.numpy(), dC.numpy())
+        return du, ddt, dA.sum(0).t(), dB.sum(1), dC.sum(1), h.transpose(1, 2)
 
 
 # --------------------------------------------------------------------------- #

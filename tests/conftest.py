@@ -1,0 +1,36 @@
+"""Shared test helpers: paths, the example list, and one assertion that two
+backends agree (shape, dtype class, then values)."""
+from __future__ import annotations
+
+import glob
+import os
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLES = sorted(glob.glob(os.path.join(ROOT, "examples", "*.seq")))
+
+
+def example(name: str) -> str:
+    return os.path.join(ROOT, "examples", name)
+
+
+def to_numpy(x):
+    if hasattr(x, "detach"):
+        return x.detach().cpu().double().numpy()
+    return np.asarray(x)
+
+
+def assert_agree(a, b, tol: float, what: str = ""):
+    """Two results agree: same shape, then max |a - b| <= tol * max(1, |a|)."""
+    a, b = to_numpy(a), to_numpy(b)
+    assert a.shape == b.shape, f"{what}: shapes {a.shape} vs {b.shape}"
+    scale = max(1.0, float(np.abs(a).max(initial=0)))
+    err = float(np.abs(a - b).max(initial=0))
+    assert err <= tol * scale, f"{what}: max |diff| {err:.3g} > {tol:g} * {scale:.3g}"
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)
