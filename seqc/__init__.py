@@ -22,14 +22,9 @@ __version__ = "0.1.0"
 
 from .analysis import build_graph  # noqa: E402
 from .compiler import compile  # noqa: E402,A001
+from . import interop  # noqa: E402
 from .differential import difftest  # noqa: E402
 from .discretization import discretize  # noqa: E402
 
 __all__ += ["build_graph", "compile", "discretize", "difftest", "interop"]
 
-
-def __getattr__(name):  # lazy: these pull in torch
-    if name == "interop":
-        from . import interop
-        return interop
-    raise AttributeError(name)

@@ -77,11 +77,22 @@ def load(spec) -> Program:
     return Program(main, defs, models[0])
 
 
+STDLIB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "stdlib")
+
+
+def resolve_include(path: str, including: str) -> str:
+    """'std/NAME.seq' names a block file shipped with seqc; other paths are
+    relative to the including file (or the working directory for source text)."""
+    if path.startswith("std/"):
+        return os.path.join(STDLIB, path[4:])
+    base = os.path.dirname(including) if os.path.exists(including) else os.getcwd()
+    return os.path.abspath(os.path.join(base, path))
+
+
 def _collect(module: ast.Module, defs, stack):
     for item in module.items:
         if isinstance(item, ast.Include):
-            base = os.path.dirname(module.filename) if os.path.exists(module.filename) else os.getcwd()
-            path = os.path.abspath(os.path.join(base, item.path))
+            path = resolve_include(item.path, module.filename)
             if path in stack:
                 raise SeqcError(f"include cycle: {' -> '.join(os.path.basename(p) for p in stack + [path])}",
                                 item.span)

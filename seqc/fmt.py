@@ -131,7 +131,7 @@ def _bare(e) -> str:
             raise ValueError(f"unknown operator {e.op!r}")
         p = _BINARY[e.op]
         if e.op == "**":  # right-associative: atom ** unary
-            left, right = _expr(e.left, _ATOM), _expr(e.right, _ATOM)
+            left, right = _expr(e.left, _ATOM), _expr(e.right, _UNARY)
         else:             # left-associative: level op next-level
             left, right = _expr(e.left, p), _expr(e.right, p + 1)
         return f"{left} {e.op} {right}"

@@ -1,0 +1,80 @@
+"""Validate the planner's cost model against measurement: time the S4D layer's
+plans (FFT convolution, chunked scan, plain recurrence) over a sweep of
+lengths and report the measured crossover next to the planner's prediction.
+
+    python benchmarks/bench_plans.py [--lengths 16,64,...] [--batch 1] [--out benchmarks/results/plans.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+import seqc
+from seqc.passes import PlanContext
+from seqc.passes.planner import MACHINES, choose
+
+
+def median_ms(fn, repeat):
+    fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--spec", default="examples/s4d.seq")
+    ap.add_argument("--lengths", default="16,64,256,1024,4096,16384")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--train", action="store_true", help="time forward+backward instead of forward")
+    ap.add_argument("--out", default="benchmarks/results/plans.json")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    lengths = [int(x) for x in args.lengths.split(",")]
+    plans = ("conv", "scan", "recurrent")
+    models = {p: seqc.compile(args.spec, backend="torch", mode=p) for p in plans}
+    graph = seqc.build_graph(args.spec)
+    node = next(n for n in graph.order() if n.op == "ssm")
+    d = int(node.input_shapes[0][-1])
+    rows = []
+    print(f"{'L':>7} " + " ".join(f"{p + ' ms':>13}" for p in plans) + f" {'measured':>10} {'predicted':>10}")
+    for L in lengths:
+        x = torch.randn(args.batch, L, d, requires_grad=args.train)
+        measured = {}
+        for p in plans:
+            if p == "recurrent" and L > 4096:
+                continue
+            m = models[p]
+
+            def go():
+                if args.train:
+                    m(x).sum().backward()
+                else:
+                    with torch.no_grad():
+                        m(x)
+            measured[p] = median_ms(go, args.repeat if L <= 4096 else 2)
+        ctx = PlanContext(batch=args.batch, length=L, training=args.train)
+        opts, best, _ = choose(node, ctx)
+        mach = MACHINES[("torch", "cpu")]
+        predicted = {o.plan: o.seconds(mach) * 1e3 for o in opts if o.legal}
+        winner = min(measured, key=measured.get)
+        rows.append(dict(length=L, measured_ms=measured, predicted_ms=predicted, measured_winner=winner,
+                         predicted_winner=best.plan))
+        print(f"{L:>7} " + " ".join(f"{measured.get(p, float('nan')):>13.3f}" for p in plans)
+              + f" {winner:>10} {best.plan:>10}")
+    agree = sum(r["measured_winner"] == r["predicted_winner"] for r in rows)
+    print(f"planner picked the measured winner at {agree}/{len(rows)} lengths")
+    with open(args.out, "w") as f:
+        json.dump(dict(spec=args.spec, batch=args.batch, train=args.train, rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
