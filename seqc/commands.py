@@ -89,10 +89,8 @@ def cmd_emit(args) -> int:
     g = _plan(args)
     if args.backend == "numpy":
         from .backends.numpy.codegen import emit
-    elif args.backend == "torch":
-        from .backends.torch.codegen import emit
     else:
-        from .backends.triton.codegen import emit
+        from .backends.torch.codegen import emit
     sys.stdout.write(emit(g))
     return 0
 

@@ -21,6 +21,9 @@ def plan_graph(spec, backend="torch", params=None, mode="auto", *, length=1024, 
     """Elaborate and run the pass pipeline; returns the planned IR."""
     check_choice("backend", backend, BACKENDS)
     check_choice("mode", mode, MODES)
+    if backend == "triton":
+        raise SeqcError("the triton backend is not available yet (planned: fused kernels generated from the "
+                        "fusion regions); use backend='torch' or 'numpy'")
     graph = spec if hasattr(spec, "nodes") and hasattr(spec, "dump") else build_graph(spec, params)
     ctx = PlanContext(batch=batch, length=length, backend=backend, training=training, dtype=dtype, mode=mode)
     return run_pipeline(graph, ctx, pipeline, instruments)
@@ -41,9 +44,5 @@ def compile(spec, backend: str = "torch", params: dict | None = None, mode: str 
     if backend == "numpy":
         from .backends.numpy.codegen import NumpyModel
         return NumpyModel(graph, seed=seed)
-    weights = init_weights(graph, seed=seed)
-    if backend == "torch":
-        from .backends.torch.module import build_module
-        return build_module(graph, weights)
-    from .backends.triton.module import build_module as build_triton
-    return build_triton(graph, weights)
+    from .backends.torch.module import build_module
+    return build_module(graph, init_weights(graph, seed=seed))

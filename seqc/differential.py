@@ -73,10 +73,7 @@ def _run(backend, graph, weights, xs, mode):
         out, values = m.trace(*xs, weights=weights)
         return np.asarray(out), {k: _as_list(v) for k, v in values.items()}, None
     import torch
-    if backend == "torch":
-        from .backends.torch.module import build_module
-    else:
-        from .backends.triton.module import build_module
+    from .backends.torch.module import build_module
     model = build_module(graph).double().load_numpy(weights)
     ts = [torch.as_tensor(x) if x.dtype.kind == "i" else torch.as_tensor(x, dtype=torch.float64) for x in xs]
     out, values = model.trace(*ts)

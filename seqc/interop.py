@@ -123,10 +123,10 @@ def from_mamba_ssm(state_dict, dtype=None):
     unexpected = sorted(set(sd) - set(own))
     if unexpected:
         raise SeqcError(f"checkpoint has {len(unexpected)} key(s) seqc's Mamba does not, e.g. '{unexpected[0]}'")
-    weights = {k: np.asarray(v.detach().float().cpu().numpy() if hasattr(v, "detach") else v) for k, v in sd.items()}
-    model.load_numpy(weights)
     first = next(iter(state_dict.values()))
-    target = dtype or (first.dtype if hasattr(first, "dtype") and isinstance(first, torch.Tensor) else None)
-    if target is not None and target.is_floating_point:
+    target = dtype or (first.dtype if isinstance(first, torch.Tensor) and first.is_floating_point() else None)
+    if target is not None:
         model = model.to(target)
-    return model
+    weights = {k: v.detach().cpu().double().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
+               for k, v in sd.items()}
+    return model.load_numpy(weights)

@@ -102,8 +102,18 @@ def test_round_trip_random_modules(module):
 
 
 @settings(SETTINGS, max_examples=300)
-@given(st.one_of(arithmetic, exprs))
+@given(arithmetic)
+def test_round_trip_and_minimal_parentheses_of_arithmetic(expr):
+    _check_expression(expr)
+
+
+@SETTINGS
+@given(exprs)
 def test_round_trip_and_minimal_parentheses(expr):
+    _check_expression(expr)
+
+
+def _check_expression(expr):
     text = format_expr(expr)
     assert same(_parse_expr(text), expr), text
     # every grouping pair of parentheses is needed: without it the text means something else (or nothing)

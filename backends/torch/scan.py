@@ -256,7 +256,7 @@ def _register_numba_exp(numba):
     c32 = [f32(v) for v in (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3,
                             4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1)]
     p0, p1, p2, p3, p4, p5 = c32
-    lo32, hi32, l2e32, half32 = f32(-87.3), f32(88.3), f32(1.4426950408889634), f32(0.5)
+    lo32, hi32, l2e32, round32 = f32(-87.3), f32(88.3), f32(1.4426950408889634), f32(1.5 * 2**23)
     ln2hi32, ln2lo32, one32 = f32(0.693359375), f32(-2.12194440e-4), f32(1.0)
     t64 = tuple(1.0 / math.factorial(i) for i in range(13, 1, -1))
 
@@ -264,7 +264,7 @@ def _register_numba_exp(numba):
     def exp32(x):
         x = x if not (x < lo32) else lo32
         x = x if not (x > hi32) else hi32
-        k = math.floor(x * l2e32 + half32)
+        k = (x * l2e32 + round32) - round32  # round to nearest; floorf would not vectorise
         r = (x - k * ln2hi32) - k * ln2lo32
         p = ((((p0 * r + p1) * r + p2) * r + p3) * r + p4) * r + p5
         return (p * r * r + r + one32) * as_float((np.int32(k) + 127) << 23, x)
@@ -273,7 +273,7 @@ def _register_numba_exp(numba):
     def exp64(x):
         x = x if not (x < -708.0) else -708.0
         x = x if not (x > 709.0) else 709.0
-        k = math.floor(x * 1.4426950408889634 + 0.5)
+        k = (x * 1.4426950408889634 + 6755399441055744.0) - 6755399441055744.0
         r = (x - k * 0.6931471803691238) - k * 1.9082149292705877e-10
         p = 0.0
         for coef in t64:
