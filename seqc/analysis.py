@@ -488,10 +488,23 @@ class Elaborator:
         shapes = [t.shape for t, _ in tensors]
         try:
             out_shapes = spec.shape(shapes, attrs)
+            if spec.has_weights:
+                spec.weights(shapes, attrs)  # weight and state sizes must be numbers, not symbols
+            if spec.stateful:
+                spec.state(shapes, attrs)
         except ShapeError as e:
             where = tensors[e.arg][1] if e.arg is not None and e.arg < len(tensors) else call.span
             detail = " with shapes " + ", ".join(_fmt_shape(s) for s in shapes)
             raise SeqcError(f"'{spec.name}': {e}{detail}", where) from None
+        except TypeError:  # int() of a symbolic dimension inside a shape or weight rule
+            symbolic = [(k, i, d) for k, (t, _) in enumerate(tensors) for i, d in enumerate(t.shape)
+                        if isinstance(d, sympy.Expr) and d.free_symbols]
+            if not symbolic:
+                raise
+            k, i, d = max(symbolic, key=lambda x: x[1])  # the feature (last) dimension first
+            known = [n for n, v in scope.values.items() if _is_num(v)]
+            raise SeqcError(f"'{spec.name}' needs a known size for dimension {i} of its input, but it is the "
+                            f"symbol '{d}'{did_you_mean(str(d), known)}", tensors[k][1]) from None
         owns = spec.has_weights or spec.stateful
         if owns:
             if module is None:

@@ -13,11 +13,10 @@ from seqc import SeqcError
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((ROOT / "examples").glob("**/*.seq"))
-# Included blocks are inlined so that a mutated spec is self-contained (source text, no include).
-BLOCKS = "".join(p.read_text() for p in EXAMPLES if "blocks" in p.parts)
-MODEL_SPECS = [re.sub(r'^include "[^"]*"\n', "", p.read_text(), flags=re.M) + "\n" + BLOCKS
-               for p in EXAMPLES if "blocks" not in p.parts]
-SPECS = MODEL_SPECS + [p.read_text() for p in EXAMPLES if "blocks" in p.parts]
+LIBRARY = sorted((ROOT / "seqc" / "stdlib").glob("*.seq"))
+# Includes of "std/..." resolve from source text too, so mutated specs are built as text.
+MODEL_SPECS = [p.read_text() for p in EXAMPLES if re.search(r"^model ", p.read_text(), re.M)]
+SPECS = [p.read_text() for p in EXAMPLES + LIBRARY]
 
 seqc.parse("model M() {}")  # the parser raises the recursion limit once; do it before hypothesis watches
 

@@ -39,6 +39,7 @@ from . import scan
 from .functional import activation
 
 HALF = (torch.float16, torch.bfloat16)
+SMALL_STATE = 8192      # linear_scan: states with fewer elements per step are scanned in chunks
 
 # -- helpers ---------------------------------------------------------------------------
 
@@ -378,13 +379,18 @@ def _recur(system: LinearSystem, p, b, x=None):
 def linear_scan(system: LinearSystem, b, chunk: int | None = None):
     """x_t = a x_{t-1} + b_t with x_{-1} = 0 over axis 1 of b (B, L, ...).
 
-    Chunked (about 3 sqrt(L) vectorised steps): every chunk of `chunk` steps
-    (default ceil(sqrt(L))) is scanned from zero at once, the chunk-end states
-    are carried across chunks with a^chunk, and each chunk then adds
-    a^(t+1) times the state it started from.
+    Chunked: every chunk of `chunk` steps is scanned from zero at once, the
+    chunk-end states are carried across chunks with a^chunk, and each chunk
+    then adds a^(t+1) times the state it started from (about 3 sqrt(L)
+    vectorised steps for chunk = sqrt(L), but three extra passes over the
+    data).  By default small states (where per-step overhead dominates) use
+    chunks of ceil(sqrt(L)) and large ones a plain loop over time.
     """
     batch, length, *state = b.shape
-    size = chunk or max(1, math.isqrt(max(length - 1, 0)) + 1)
+    if chunk is None:
+        small = batch * math.prod(state) < SMALL_STATE
+        chunk = max(1, math.isqrt(max(length - 1, 0)) + 1) if small else length
+    size = max(1, chunk)
     count = -(-length // size)
     if count <= 1:
         return _recur(system, system.a, b)

@@ -139,12 +139,14 @@ class _TorchEngine:
 # --------------------------------------------------------------------------- #
 # numba engine: fused kernels, analytic adjoint
 #
-# Kernels work on the natural (batch, L, D) layout; a job is (batch, block of
-# _W channels) and the innermost loop runs over the channels of the block, so
-# it vectorises without reordering any sum except the cross-channel ones of
-# dB and dC (hence ``reassoc`` on the backward kernel only).  exp() is a
-# vectorisable polynomial (libm's exp would keep every loop scalar), compiled
-# without fast-math so its range reduction stays exact.
+# Channels are split into nw blocks of W (W = gcd(D, 16)) and the kernels see
+# "blocked" views: u, delta (b, L, nw, W), A (nw, N, W), states (b, nw, N, W).
+# A job is (batch, block); its innermost loop runs over the W channels with
+# plain integer indexing, so LLVM vectorises it without reordering any sum
+# except the cross-channel ones of dB and dC (hence ``reassoc`` on the
+# backward kernel only).  exp() is a vectorisable polynomial (libm's exp would
+# keep every loop scalar), compiled without fast-math so its range reduction
+# stays exact.
 # --------------------------------------------------------------------------- #
 _W = 16
 
@@ -154,81 +156,77 @@ def _exp(x):
     return math.exp(x)
 
 
-def _fwd_kernel(u, dt, AT, B, C, x0, chunk, y, ckpt, xL):  # pragma: no cover - JIT
-    """u, dt, y: (b, L, D); AT: (N, D); B, C: (b, L, N); x0, xL: (b, N, D);
-    ckpt (b, nchunks, N, D) receives the state before each chunk."""
-    nb, L, nd = u.shape
-    N = AT.shape[0]
-    nw = -(-nd // _W)
-    for job in _prange(nb * nw):
-        b, d0 = job // nw, (job % nw) * _W
-        d1 = min(nd, d0 + _W)
-        x = xL[b, :, d0:d1]
-        x[:] = x0[b, :, d0:d1]
-        for t in range(L):
-            if t % chunk == 0:
-                ckpt[b, t // chunk, :, d0:d1] = x
-            dtt, ut, yt = dt[b, t, d0:d1], u[b, t, d0:d1], y[b, t, d0:d1]
-            yt[:] = 0
-            for n in range(N):
-                bn, cn, an, xn = B[b, t, n], C[b, t, n], AT[n, d0:d1], x[n]
-                for j in range(d1 - d0):
-                    v = _exp(dtt[j] * an[j]) * xn[j] + dtt[j] * ut[j] * bn
-                    xn[j] = v
-                    yt[j] += cn * v
-
-
-def _bwd_kernel(u, dt, AT, B, C, ckpt, gy, chunk, h, xs, als,
-                du, ddt, dA, dB, dC):  # pragma: no cover - JIT
-    """Adjoint of ``_fwd_kernel``.  h (b, N, D) enters as the final-state
-    gradient and leaves as the initial-state gradient; dA (b, N, D) is per
-    batch; job j owns workspaces xs[j] (chunk+1, N, _W), als[j] (chunk, N, _W)
-    and writes its channels' share of dB, dC into dB[b, k], dC[b, k] (L, N)."""
-    nb, L, nd = u.shape
-    N = AT.shape[0]
-    nw = -(-nd // _W)
+def _fwd_kernel(u, dt, A, B, C, chunk, y, ckpt, x):  # pragma: no cover - JIT
+    """u, dt, y: (b, L, nw, W); A: (nw, N, W); B, C: (b, L, N); x (b, nw, N, W)
+    holds the initial state on entry and the final state on exit; ckpt
+    (b, nchunks, nw, N, W) receives the state before each chunk."""
+    nb, L, nw, W = u.shape
+    N = A.shape[1]
     for job in _prange(nb * nw):
         b, k = job // nw, job % nw
-        d0 = k * _W
-        w = min(nd, d0 + _W) - d0
-        x, a, hb = xs[job], als[job], h[b, :, d0:d0 + w]
+        for t in range(L):
+            if t % chunk == 0:
+                ckpt[b, t // chunk, k] = x[b, k]
+            for j in range(W):
+                y[b, t, k, j] = 0
+            for n in range(N):
+                bn, cn = B[b, t, n], C[b, t, n]
+                for j in range(W):
+                    dtt = dt[b, t, k, j]
+                    v = _exp(dtt * A[k, n, j]) * x[b, k, n, j] + dtt * u[b, t, k, j] * bn
+                    x[b, k, n, j] = v
+                    y[b, t, k, j] += cn * v
+
+
+def _bwd_kernel(u, dt, A, B, C, ckpt, gy, chunk, h, xs, als,
+                du, ddt, dA, dB, dC):  # pragma: no cover - JIT
+    """Adjoint of ``_fwd_kernel`` (same layouts).  h (b, nw, N, W) enters as the
+    final-state gradient and leaves as the initial-state gradient; dA
+    (b, nw, N, W) starts at zero; job j owns workspaces xs[j] (chunk+1, N, W)
+    and als[j] (chunk, N, W) and writes its block's share of dB and dC into
+    dB[b, k], dC[b, k] (L, N)."""
+    nb, L, nw, W = u.shape
+    N = A.shape[1]
+    for job in _prange(nb * nw):
+        b, k = job // nw, job % nw
+        x, a = xs[job], als[job]
         for c in range(ckpt.shape[1] - 1, -1, -1):
             t0 = c * chunk
             t1 = min(L, t0 + chunk)
-            x[0, :, :w] = ckpt[b, c, :, d0:d0 + w]
-            for t in range(t0, t1):  # recompute this chunk's states
-                i = t - t0
-                dtt, ut = dt[b, t, d0:d0 + w], u[b, t, d0:d0 + w]
+            x[0] = ckpt[b, c, k]
+            for i in range(t1 - t0):  # recompute this chunk's states
+                t = t0 + i
                 for n in range(N):
-                    bn, an = B[b, t, n], AT[n, d0:d0 + w]
-                    for j in range(w):
-                        e = _exp(dtt[j] * an[j])
+                    bn = B[b, t, n]
+                    for j in range(W):
+                        dtt = dt[b, t, k, j]
+                        e = _exp(dtt * A[k, n, j])
                         a[i, n, j] = e
-                        x[i + 1, n, j] = e * x[i, n, j] + dtt[j] * ut[j] * bn
-            for t in range(t1 - 1, t0 - 1, -1):  # adjoint recurrence
-                i = t - t0
-                dtt, ut, g = dt[b, t, d0:d0 + w], u[b, t, d0:d0 + w], gy[b, t, d0:d0 + w]
-                s_b, s_a = du[b, t, d0:d0 + w], ddt[b, t, d0:d0 + w]
-                s_b[:] = 0
-                s_a[:] = 0
+                        x[i + 1, n, j] = e * x[i, n, j] + dtt * u[b, t, k, j] * bn
+            for i in range(t1 - t0 - 1, -1, -1):  # adjoint recurrence
+                t = t0 + i
+                for j in range(W):
+                    du[b, t, k, j] = 0  # accumulates sum_n h B, scaled by delta below
+                    ddt[b, t, k, j] = 0
                 for n in range(N):
-                    bn, cn, an, dAn, hn = B[b, t, n], C[b, t, n], AT[n, d0:d0 + w], dA[b, n, d0:d0 + w], hb[n]
+                    bn, cn = B[b, t, n], C[b, t, n]
                     sum_b = 0.0
                     sum_c = 0.0
-                    for j in range(w):
-                        hv = hn[j] + g[j] * cn
-                        sum_c += g[j] * x[i + 1, n, j]
-                        sum_b += hv * dtt[j] * ut[j]
-                        s_b[j] += hv * bn
+                    for j in range(W):
+                        g, dtt = gy[b, t, k, j], dt[b, t, k, j]
+                        hv = h[b, k, n, j] + g * cn
+                        sum_c += g * x[i + 1, n, j]
+                        sum_b += hv * dtt * u[b, t, k, j]
+                        du[b, t, k, j] += hv * bn
                         q = hv * x[i, n, j] * a[i, n, j]
-                        s_a[j] += q * an[j]
-                        dAn[j] += q * dtt[j]
-                        hn[j] = hv * a[i, n, j]
+                        ddt[b, t, k, j] += q * A[k, n, j]
+                        dA[b, k, n, j] += q * dtt
+                        h[b, k, n, j] = hv * a[i, n, j]
                     dB[b, k, t, n] = sum_b
                     dC[b, k, t, n] = sum_c
-                for j in range(w):
-                    s_a[j] += ut[j] * s_b[j]
-                    s_b[j] *= dtt[j]
+                for j in range(W):
+                    ddt[b, t, k, j] += u[b, t, k, j] * du[b, t, k, j]
+                    du[b, t, k, j] *= dt[b, t, k, j]
 
 
 _NUMBA = {}
@@ -301,38 +299,57 @@ def _numba_kernels():
 
 
 class _NumbaEngine:
-    """CPU core for ``disc="mamba"``: one forward and one backward kernel.
-    States cross the kernel boundary as (b, N, D); the API uses (b, D, N)."""
+    """CPU core for ``disc="mamba"``: one forward and one backward kernel,
+    called on the blocked layouts described above."""
 
     def __init__(self, chunk, kernels):
         self.chunk = chunk
         self.fwd, self.bwd = kernels
 
     @staticmethod
-    def _np(*tensors):
-        return [t.detach().contiguous().numpy() for t in tensors]
+    def _blocked(u, A):
+        """Blocked views of (b, L, D) tensors, A (D, N) blocked, and a function
+        giving a fresh blocked copy of a (b, D, N) state (the kernels write it)."""
+        b, L, d = u.shape
+        W = math.gcd(d, _W)
+        seq = lambda t: t.detach().contiguous().view(b, L, d // W, W).numpy()  # noqa: E731
+        blk = A.detach().t().reshape(A.shape[1], d // W, W).transpose(0, 1).contiguous()
+        state_in = lambda s: s.detach().to(u.dtype).transpose(1, 2).reshape(  # noqa: E731
+            b, A.shape[1], d // W, W).transpose(1, 2).clone(memory_format=torch.contiguous_format)
+        return seq, blk.numpy(), state_in
+
+    @staticmethod
+    def _state_out(s):
+        """(b, nw, N, W) -> (b, D, N)."""
+        b, nw, N, W = s.shape
+        return s.transpose(1, 2).reshape(b, N, nw * W).transpose(1, 2)
 
     def forward(self, u, delta, A, B, C, x0):
-        b, L, d = u.shape
-        N = A.shape[1]
-        y = u.new_empty(b, L, d)
-        ckpt = u.new_empty(b, -(-L // self.chunk), N, d)
-        xL = u.new_empty(b, N, d)
-        self.fwd(*self._np(u, delta, A.t(), B, C, x0.transpose(1, 2)), self.chunk,
-                 y.numpy(), ckpt.numpy(), xL.numpy())
-        return y, xL.transpose(1, 2), ckpt
+        seq, Ablk, state_in = self._blocked(u, A)
+        b, L, nw, W = seq(u).shape
+        y = u.new_empty(b, L, nw * W)
+        x = state_in(x0)
+        ckpt = u.new_empty((b, -(-L // self.chunk)) + x.shape[1:])
+        self.fwd(seq(u), seq(delta), Ablk, B.detach().contiguous().numpy(),
+                 C.detach().contiguous().numpy(), self.chunk,
+                 y.view(b, L, nw, W).numpy(), ckpt.numpy(), x.numpy())
+        return y, self._state_out(x), ckpt
 
     def backward(self, u, delta, A, B, C, ckpt, gy, gx):
-        b, L, d = u.shape
-        N, nw = A.shape[1], -(-d // _W)
-        h = gx.detach().to(u.dtype).transpose(1, 2).contiguous()
-        du, ddt, dA = u.new_empty(b, L, d), u.new_empty(b, L, d), u.new_zeros(b, N, d)
+        seq, Ablk, state_in = self._blocked(u, A)
+        b, L, nw, W = seq(u).shape
+        N = A.shape[1]
+        h = state_in(gx)
+        du, ddt, dA = u.new_empty(b, L, nw * W), u.new_empty(b, L, nw * W), torch.zeros_like(h)
         dB, dC = u.new_empty(b, nw, L, N), u.new_empty(b, nw, L, N)
-        xs, als = u.new_empty(b * nw, self.chunk + 1, N, _W), u.new_empty(b * nw, self.chunk, N, _W)
-        self.bwd(*self._np(u, delta, A.t(), B, C, ckpt, gy), self.chunk, h.numpy(),
-                 xs.numpy(), als.numpy(), du.numpy(), ddt.numpy(), dA.numpy(),
-                 dB.numpy(), dC.numpy())
-        return du, ddt, dA.sum(0).t(), dB.sum(1), dC.sum(1), h.transpose(1, 2)
+        xs = u.new_empty(b * nw, self.chunk + 1, N, W)
+        als = u.new_empty(b * nw, self.chunk, N, W)
+        self.bwd(seq(u), seq(delta), Ablk, B.detach().contiguous().numpy(),
+                 C.detach().contiguous().numpy(), ckpt.numpy(), seq(gy), self.chunk,
+                 h.numpy(), xs.numpy(), als.numpy(), du.view(b, L, nw, W).numpy(),
+                 ddt.view(b, L, nw, W).numpy(), dA.numpy(), dB.numpy(), dC.numpy())
+        return (du, ddt, self._state_out(dA).sum(0), dB.sum(1), dC.sum(1),
+                self._state_out(h))
 
 
 # --------------------------------------------------------------------------- #
