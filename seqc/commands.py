@@ -163,3 +163,24 @@ cmd_difftest.options = [
     _opt("--seed", type=int, default=0),
     _opt("--tolerance", type=float, default=1e-8),
 ]
+
+
+@command("bench", "time forward, forward+backward and per-token step of a compiled spec for each plan")
+def cmd_bench(args) -> int:
+    from .benchmark import bench
+    rows = bench(args.file, _params(args.param), backend=args.backend, length=_positive("length", args.length),
+                 batch=_positive("batch", args.batch), repeat=_positive("repeat", args.repeat),
+                 steps=_positive("steps", args.steps), modes=tuple(args.modes.split(",")))
+    from .benchmark import table
+    print(table(rows))
+    return 0
+
+
+cmd_bench.options = [
+    _opt("--backend", default="torch", help="numpy | torch"),
+    _opt("--length", "-L", type=int, default=1024),
+    _opt("--batch", "-B", type=int, default=2),
+    _opt("--repeat", type=int, default=3),
+    _opt("--steps", type=int, default=32, help="tokens to decode for the per-token figure"),
+    _opt("--modes", default="auto,conv,scan,recurrent", help="plans to time (comma-separated)"),
+]

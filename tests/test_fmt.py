@@ -17,6 +17,7 @@ seqc.parse("model M() {}")  # the parser raises the recursion limit once; do it 
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((ROOT / "examples").glob("**/*.seq"))
+LIBRARY = sorted((ROOT / "seqc" / "stdlib").glob("*.seq"))      # include "std/NAME.seq"
 SETTINGS = settings(max_examples=200, deadline=None, database=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
@@ -155,30 +156,40 @@ def _grouping_parens(text):
 
 # -- examples ------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: str(p.relative_to(ROOT)))
+@pytest.mark.parametrize("path", EXAMPLES + LIBRARY, ids=lambda p: str(p.relative_to(ROOT)))
 def test_examples_round_trip(path):
     module = seqc.parse(path.read_text(), str(path))
     text = format_module(module)
     assert same(seqc.parse(text).items, module.items)
     assert format_module(seqc.parse(text)) == text
-    assert "#" not in text  # comments are not kept
-    assert all(len(line) <= 100 or "(" not in line.split("(", 1)[1] for line in text.splitlines()
-               if not re.match(r"(model|block) ", line))
+    assert not any(line.lstrip().startswith("#") for line in text.splitlines())  # comments are not kept
+    assert not [line for line in text.splitlines() if line.startswith("  ") and len(line) > 100]
 
 
 def test_formatted_examples_build_the_same_graph(tmp_path):
+    """Build every example from formatted text, its std/ includes also formatted (as lib/)."""
+    def formatted(path):
+        module = seqc.parse(path.read_text(), str(path))
+        items = tuple(A.Include("lib/" + i.path[4:]) if isinstance(i, A.Include) and i.path.startswith("std/")
+                      else i for i in module.items)
+        return format_module(A.Module(items))
+    (tmp_path / "lib").mkdir()
+    for path in LIBRARY:
+        (tmp_path / "lib" / path.name).write_text(formatted(path))
+    built = 0
     for path in EXAMPLES:
-        out = tmp_path / path.relative_to(ROOT / "examples")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(format_module(seqc.parse(path.read_text(), str(path))))
-    for path in EXAMPLES:
-        if "blocks" in path.parts:
+        text = formatted(path)
+        if not re.search(r"^model ", text, re.M):
             continue
+        (tmp_path / path.name).write_text(text)
         a = seqc.build_graph(str(path))
-        b = seqc.build_graph(str(tmp_path / path.relative_to(ROOT / "examples")))
+        b = seqc.build_graph(str(tmp_path / path.name))
         assert [(n.op, n.name, n.inputs, n.attrs, n.shapes) for n in a.order()] == \
-               [(n.op, n.name, n.inputs, n.attrs, n.shapes) for n in b.order()]
+               [(n.op, n.name, n.inputs, n.attrs, n.shapes) for n in b.order()], path.name
         assert a.weight_shapes() == b.weight_shapes()
+        assert a.dump().count("\n") == b.dump().count("\n")
+        built += 1
+    assert built >= 2
 
 
 # -- the canonical layout ------------------------------------------------------------------------------

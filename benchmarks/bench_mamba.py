@@ -1,0 +1,105 @@
+"""Mamba stack (d_model 64, 2 layers, d_state 16, batch 2, float32) on CPU:
+seqc's compiled torch module versus mambapy (the pure-PyTorch Mamba), same
+weights, measured in one run: forward+backward time, peak activation memory,
+token-by-token decoding time per token.
+
+    python -m benchmarks.bench_mamba [--lengths 1024,4096] [--repeat 5]
+Writes benchmarks/results/mamba.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+from benchmarks.common import in_subprocess, median_ms, peak_mb, rss_mb, save
+
+D_MODEL, N_LAYERS, D_STATE, BATCH = 64, 2, 16, 2
+
+
+def models():
+    from mambapy.mamba import Mamba, MambaConfig
+
+    import seqc
+    torch.manual_seed(0)
+    ref = Mamba(MambaConfig(d_model=D_MODEL, n_layers=N_LAYERS, d_state=D_STATE, expand_factor=2, d_conv=4))
+    ours = seqc.interop.from_mamba_ssm(ref.state_dict())
+    return {"seqc": ours, "mambapy": ref}
+
+
+def fwd_bwd(model, x):
+    def go():
+        model.zero_grad(set_to_none=True)
+        model(x).sum().backward()
+    return go
+
+
+def memory_probe(which: str, length: int) -> dict:
+    """Peak RSS growth of one forward+backward (run in a fresh process)."""
+    torch.manual_seed(0)
+    m = models()[which]
+    x = torch.randn(BATCH, 64, D_MODEL)
+    fwd_bwd(m, x)()                     # warm up kernels / JIT at a short length
+    x = torch.randn(BATCH, length, D_MODEL)
+    base = rss_mb()
+    before = peak_mb()
+    fwd_bwd(m, x)()
+    return {"peak_extra_mb": max(peak_mb(), before) - base}
+
+
+def decode_ms_per_token(name, model, steps=64):
+    x = torch.randn(BATCH, steps, D_MODEL)
+    with torch.no_grad():
+        if name == "seqc":
+            def go():
+                state = model.init_state(BATCH)
+                for t in range(steps):
+                    _, state = model.step(x[:, t], state)
+        else:
+            from mambapy.mamba import MambaConfig  # noqa: F401
+            d_inner = 2 * D_MODEL
+
+            def go():
+                caches = [(None, torch.zeros(BATCH, d_inner, 3)) for _ in range(N_LAYERS)]
+                caches = [(torch.zeros(BATCH, d_inner, D_STATE), c) for _, c in caches]
+                for t in range(steps):
+                    _, caches = model.step(x[:, t], caches)
+        return median_ms(go, repeat=3) / steps
+
+
+def main():
+    if len(sys.argv) > 1 and sys.argv[1] == "--probe":
+        print(json.dumps(memory_probe(sys.argv[2], int(sys.argv[3]))))
+        return
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--lengths", default="1024,4096")
+    ap.add_argument("--repeat", type=int, default=5)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    ms = models()
+    rows = []
+    for L in [int(v) for v in args.lengths.split(",")]:
+        x = torch.randn(BATCH, L, D_MODEL)
+        row = {"length": L}
+        for name, m in ms.items():
+            row[f"{name}_fwd_bwd_ms"] = median_ms(fwd_bwd(m, x), repeat=args.repeat)
+            row[f"{name}_peak_extra_mb"] = in_subprocess("benchmarks.bench_mamba", "--probe", name, L)["peak_extra_mb"]
+        row["speedup"] = row["mambapy_fwd_bwd_ms"] / row["seqc_fwd_bwd_ms"]
+        row["memory_ratio"] = row["seqc_peak_extra_mb"] / max(row["mambapy_peak_extra_mb"], 1e-9)
+        rows.append(row)
+        print(f"L={L:5d}  fwd+bwd seqc {row['seqc_fwd_bwd_ms']:8.1f} ms  mambapy {row['mambapy_fwd_bwd_ms']:8.1f} ms  "
+              f"speedup {row['speedup']:.2f}x   peak extra memory seqc {row['seqc_peak_extra_mb']:.0f} MB  "
+              f"mambapy {row['mambapy_peak_extra_mb']:.0f} MB  (ratio {row['memory_ratio']:.2f})", flush=True)
+    decode = {name: decode_ms_per_token(name, m) for name, m in ms.items()}
+    print(f"decode per token: seqc {decode['seqc']:.3f} ms  mambapy {decode['mambapy']:.3f} ms  "
+          f"(seqc/mambapy {decode['seqc'] / decode['mambapy']:.2f})")
+    print("wrote", save("mamba.json", {"config": dict(d_model=D_MODEL, n_layers=N_LAYERS, d_state=D_STATE,
+                                                       batch=BATCH, dtype="float32"),
+                                        "torch_threads": torch.get_num_threads(), "rows": rows,
+                                        "decode_ms_per_token": decode}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""`seqc bench`: time a compiled spec per plan - forward, forward+backward and
+per-token decoding - with a progress line on stderr and a table."""
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+
+import numpy as np
+
+from .compiler import compile, plan_graph
+
+
+def _time(fn, repeat):
+    fn()
+    out = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return statistics.median(out) * 1e3
+
+
+def _progress(i, total, label):
+    if not sys.stderr.isatty():
+        return
+    width = 24
+    done = int(width * i / total)
+    sys.stderr.write(f"\r[{'#' * done}{'.' * (width - done)}] {i}/{total} {label:<40}")
+    sys.stderr.flush()
+    if i == total:
+        sys.stderr.write("\n")
+
+
+def _plans_present(spec, params, backend, modes, length, batch):
+    """Modes that change at least one layer's plan (skip duplicates of auto)."""
+    seen, keep = {}, []
+    for mode in modes:
+        g = plan_graph(spec, backend, params, mode, length=length, batch=batch)
+        sig = tuple(n.meta.get("plan") for n in g.order())
+        if sig not in seen.values():
+            seen[mode] = sig
+            keep.append(mode)
+    return keep
+
+
+def bench(spec, params=None, *, backend="torch", length=1024, batch=2, repeat=3, steps=32,
+          modes=("auto", "conv", "scan", "recurrent")):
+    import torch
+    modes = _plans_present(spec, params, backend, modes, length, batch)
+    rows = []
+    total = len(modes) * 3
+    k = 0
+    for mode in modes:
+        model = compile(spec, backend=backend, params=params, mode=mode, length=length, batch=batch)
+        g = model.graph
+        n = g.nodes[g.inputs[0]]
+        rng = np.random.default_rng(0)
+        if n.dtype == "int":
+            vocab = min(u.attrs["vocab"] for u in g.users(n.id) if u.op == "embedding")
+            x = torch.as_tensor(rng.integers(0, vocab, (batch, length)))
+        else:
+            x = torch.as_tensor(rng.standard_normal((batch, length, int(n.shape[-1]))), dtype=torch.float32)
+        plans = ",".join(sorted({str(m.meta["plan"]) for m in g.order() if "plan" in m.meta})) or "-"
+        row = {"mode": mode, "plans": plans}
+        _progress(k, total, f"{mode}: forward")
+        with torch.no_grad():
+            row["forward_ms"] = _time(lambda: model(x), repeat)
+        k += 1
+        _progress(k, total, f"{mode}: forward+backward")
+
+        def fb():
+            model.zero_grad(set_to_none=True)
+            model(x).float().sum().backward()
+        row["fwd_bwd_ms"] = _time(fb, repeat)
+        k += 1
+        _progress(k, total, f"{mode}: step")
+
+        def decode():
+            state = model.init_state(batch)
+            for t in range(min(steps, length)):
+                _, state = model.step(x[:, t], state)
+        with torch.no_grad():
+            row["step_ms"] = _time(decode, max(1, repeat // 2)) / min(steps, length)
+        k += 1
+        _progress(k, total, f"{mode}: done")
+        rows.append(row)
+    return rows
+
+
+def table(rows) -> str:
+    head = f"{'mode':<10} {'plans':<16} {'forward ms':>11} {'fwd+bwd ms':>11} {'step ms/token':>14}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['mode']:<10} {r['plans']:<16} {r['forward_ms']:>11.2f} {r['fwd_bwd_ms']:>11.2f} "
+                     f"{r['step_ms']:>14.3f}")
+    return "\n".join(lines)
