@@ -36,6 +36,7 @@ register_state_dict_pre_hook requires_grad_ set_extra_state set_submodule share_
 to_empty train training type xpu zero_grad graph source plan
 """.split())
 MAX_DEPTH = 32  # nested block instantiation
+MAX_ATTR_INT = 2 ** 24  # features, vocabularies, kernel sizes: larger is a mistake, not a model
 
 
 @dataclass(frozen=True)
@@ -665,6 +666,8 @@ def _check_attr(spec, a, v, span):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise SeqcError(f"{where} must be a positive integer or a list of them, got {_show(v)}", span)
         return v
+    if a.type == "int" and a.max is None and v > MAX_ATTR_INT:
+        raise SeqcError(f"{where} is too large ({v}; at most {MAX_ATTR_INT})", span)
     if a.type in ("int", "float"):
         if a.positive and v <= 0:
             raise SeqcError(f"{where} must be positive, got {_show(v)}", span)

@@ -36,18 +36,19 @@ def cmd_check(args) -> int:
 
 
 def cmd_graph(args) -> int:
+    from .passes import run_pipeline
     g = _graph(args)
-    if getattr(args, "planned", False):
-        from .passes import run_pipeline
-        g = run_pipeline(g, _context(args))
-    if args.dot:
-        _write(args.dot, g.to_dot())
-    if getattr(args, "svg", None):
+    planned = run_pipeline(g, _context(args)) if (args.planned or args.dot or args.svg) else g
+    if args.planned:
+        g = planned
+    if args.dot:   # the DOT export always carries the plan and fusion annotations
+        _write(args.dot, planned.to_dot())
+    if args.svg:
         import shutil
         import subprocess
         if shutil.which("dot") is None:
             raise SeqcError("--svg needs Graphviz's 'dot' on the PATH (install graphviz)")
-        subprocess.run(["dot", "-Tsvg", "-o", args.svg], input=g.to_dot(), text=True, check=True)
+        subprocess.run(["dot", "-Tsvg", "-o", args.svg], input=planned.to_dot(), text=True, check=True)
     if not args.dot or args.dot != "-":
         sys.stdout.write(g.dump())
     return 0
@@ -94,8 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add("check", cmd_check, "parse, validate and shape-check a spec")
     g = add("graph", cmd_graph, "print the graph IR (and optionally DOT / SVG)")
-    g.add_argument("--dot", metavar="OUT", help="write a Graphviz DOT file ('-' for stdout)")
-    g.add_argument("--svg", metavar="OUT", help="render an SVG with Graphviz's dot")
+    g.add_argument("--dot", metavar="OUT", help="write a Graphviz DOT file of the planned IR, with plans and "
+                   "fusion regions ('-' for stdout)")
+    g.add_argument("--svg", metavar="OUT", help="render that DOT to SVG with Graphviz's dot")
     g.add_argument("--planned", action="store_true", help="show the IR after the pass pipeline")
     g.add_argument("--length", type=int, default=1024)
     g.add_argument("--batch", type=int, default=1)

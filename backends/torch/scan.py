@@ -31,6 +31,7 @@ bf16/fp16 inputs are computed in float32 and returned in the input dtype.
 import math
 import os
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -139,7 +140,7 @@ class _TorchEngine:
 # --------------------------------------------------------------------------- #
 # numba engine: fused kernels, analytic adjoint
 #
-# Channels are split into nw blocks of W (W = gcd(D, 16)) and the kernels see
+# Channels are split into nw blocks of W (``_block_width``) and the kernels see
 # "blocked" views: u, delta (b, L, nw, W), A (nw, N, W), states (b, nw, N, W).
 # A job is (batch, block); its innermost loop runs over the W channels with
 # plain integer indexing, so LLVM vectorises it without reordering any sum
@@ -148,7 +149,16 @@ class _TorchEngine:
 # keep every loop scalar), compiled without fast-math so its range reduction
 # stays exact.
 # --------------------------------------------------------------------------- #
-_W = 16
+_W_MAX, _W_MIN = 64, 16
+
+
+def _block_width(batch, d, threads):
+    """Channels per job: the widest power of two up to 64 dividing d that
+    still leaves two jobs per thread (but never below 16 for that)."""
+    w = math.gcd(d, _W_MAX)
+    while w > _W_MIN and batch * (d // w) < 2 * threads:
+        w //= 2
+    return w
 
 
 def _exp(x):
@@ -164,18 +174,18 @@ def _fwd_kernel(u, dt, A, B, C, chunk, y, ckpt, x):  # pragma: no cover - JIT
     N = A.shape[1]
     for job in _prange(nb * nw):
         b, k = job // nw, job % nw
+        xk, Ak = x[b, k], A[k]
         for t in range(L):
             if t % chunk == 0:
-                ckpt[b, t // chunk, k] = x[b, k]
-            for j in range(W):
-                y[b, t, k, j] = 0
+                ckpt[b, t // chunk, k] = xk
+            ut, dtt, yt = u[b, t, k], dt[b, t, k], y[b, t, k]
+            yt[:] = 0
             for n in range(N):
-                bn, cn = B[b, t, n], C[b, t, n]
+                bn, cn, xn, An = B[b, t, n], C[b, t, n], xk[n], Ak[n]
                 for j in range(W):
-                    dtt = dt[b, t, k, j]
-                    v = _exp(dtt * A[k, n, j]) * x[b, k, n, j] + dtt * u[b, t, k, j] * bn
-                    x[b, k, n, j] = v
-                    y[b, t, k, j] += cn * v
+                    v = _exp(dtt[j] * An[j]) * xn[j] + dtt[j] * ut[j] * bn
+                    xn[j] = v
+                    yt[j] += cn * v
 
 
 def _bwd_kernel(u, dt, A, B, C, ckpt, gy, chunk, h, xs, als,
@@ -189,44 +199,44 @@ def _bwd_kernel(u, dt, A, B, C, ckpt, gy, chunk, h, xs, als,
     N = A.shape[1]
     for job in _prange(nb * nw):
         b, k = job // nw, job % nw
-        x, a = xs[job], als[job]
+        x, a, hk, dAk, Ak = xs[job], als[job], h[b, k], dA[b, k], A[k]
+        zero = np.zeros(1, dtype=u.dtype)[0]  # a 0.0 literal would make the sums float64
         for c in range(ckpt.shape[1] - 1, -1, -1):
             t0 = c * chunk
             t1 = min(L, t0 + chunk)
             x[0] = ckpt[b, c, k]
             for i in range(t1 - t0):  # recompute this chunk's states
-                t = t0 + i
+                ut, dtt = u[b, t0 + i, k], dt[b, t0 + i, k]
                 for n in range(N):
-                    bn = B[b, t, n]
+                    bn, An, an, xp, xn = B[b, t0 + i, n], Ak[n], a[i, n], x[i, n], x[i + 1, n]
                     for j in range(W):
-                        dtt = dt[b, t, k, j]
-                        e = _exp(dtt * A[k, n, j])
-                        a[i, n, j] = e
-                        x[i + 1, n, j] = e * x[i, n, j] + dtt * u[b, t, k, j] * bn
-            for i in range(t1 - t0 - 1, -1, -1):  # adjoint recurrence
+                        an[j] = _exp(dtt[j] * An[j])
+                        xn[j] = an[j] * xp[j] + dtt[j] * ut[j] * bn
+            for i in range(t1 - t0 - 1, -1, -1):  # adjoint recurrence, h = dL/dx_t
                 t = t0 + i
-                for j in range(W):
-                    du[b, t, k, j] = 0  # accumulates sum_n h B, scaled by delta below
-                    ddt[b, t, k, j] = 0
+                ut, dtt, g = u[b, t, k], dt[b, t, k], gy[b, t, k]
+                s_b, s_a = du[b, t, k], ddt[b, t, k]  # sum_n h B ; sum_n h x_{t-1} dA A
+                s_b[:] = 0
+                s_a[:] = 0
                 for n in range(N):
                     bn, cn = B[b, t, n], C[b, t, n]
-                    sum_b = 0.0
-                    sum_c = 0.0
+                    hn, xn, xp, an, dAn, An = hk[n], x[i + 1, n], x[i, n], a[i, n], dAk[n], Ak[n]
+                    sum_b = zero
+                    sum_c = zero
                     for j in range(W):
-                        g, dtt = gy[b, t, k, j], dt[b, t, k, j]
-                        hv = h[b, k, n, j] + g * cn
-                        sum_c += g * x[i + 1, n, j]
-                        sum_b += hv * dtt * u[b, t, k, j]
-                        du[b, t, k, j] += hv * bn
-                        q = hv * x[i, n, j] * a[i, n, j]
-                        ddt[b, t, k, j] += q * A[k, n, j]
-                        dA[b, k, n, j] += q * dtt
-                        h[b, k, n, j] = hv * a[i, n, j]
+                        hv = hn[j] + g[j] * cn
+                        sum_c += g[j] * xn[j]
+                        sum_b += hv * dtt[j] * ut[j]
+                        s_b[j] += hv * bn
+                        q = hv * xp[j] * an[j]
+                        s_a[j] += q * An[j]
+                        dAn[j] += q * dtt[j]
+                        hn[j] = hv * an[j]
                     dB[b, k, t, n] = sum_b
                     dC[b, k, t, n] = sum_c
                 for j in range(W):
-                    ddt[b, t, k, j] += u[b, t, k, j] * du[b, t, k, j]
-                    du[b, t, k, j] *= dt[b, t, k, j]
+                    s_a[j] += ut[j] * s_b[j]
+                    s_b[j] *= dtt[j]
 
 
 _NUMBA = {}
@@ -236,7 +246,6 @@ _prange = range  # replaced by numba.prange once numba is loaded
 def _register_numba_exp(numba):
     """Overload ``_exp`` for numba: float32 Cephes expf and float64 degree-13
     Taylor, both after Cody-Waite reduction, 2**k built from its bits."""
-    import numpy as np
     from llvmlite import ir
     from numba import types
     from numba.extending import intrinsic, overload
@@ -293,6 +302,7 @@ def _numba_kernels():
             _prange = numba.prange
             _register_numba_exp(numba)
             jit = lambda fm: numba.njit(parallel=True, fastmath=fm, cache=True)  # noqa: E731
+            _NUMBA["threads"] = numba.get_num_threads
             _NUMBA["kernels"] = (jit({"contract"})(_fwd_kernel),
                                  jit({"contract", "reassoc"})(_bwd_kernel))
     return _NUMBA["kernels"]
@@ -311,7 +321,7 @@ class _NumbaEngine:
         """Blocked views of (b, L, D) tensors, A (D, N) blocked, and a function
         giving a fresh blocked copy of a (b, D, N) state (the kernels write it)."""
         b, L, d = u.shape
-        W = math.gcd(d, _W)
+        W = _block_width(b, d, _NUMBA["threads"]())
         seq = lambda t: t.detach().contiguous().view(b, L, d // W, W).numpy()  # noqa: E731
         blk = A.detach().t().reshape(A.shape[1], d // W, W).transpose(0, 1).contiguous()
         state_in = lambda s: s.detach().to(u.dtype).transpose(1, 2).reshape(  # noqa: E731
