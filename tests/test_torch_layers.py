@@ -13,7 +13,7 @@ from torch.func import functional_call
 from seqc import SeqcError
 from seqc.backends.numpy import ops as np_ops
 from seqc.backends.torch import functional as fn
-from seqc.backends.torch.layers import LAYERS, SSM, Attention, Conv1d, LSTM, SelectiveSSM
+from seqc.backends.torch.layers import LAYERS, SSM, Attention, Conv1d, LinearSystem, LSTM, SelectiveSSM, linear_scan
 from seqc.registry import OPS
 
 F64 = torch.float64
@@ -199,6 +199,27 @@ def _closed_form_kernel(m, kind, L):
 def test_ssm_kernel_closed_form(kind):
     m = make("ssm", [3], _ssm_attrs(kind))
     torch.testing.assert_close(m.kernel(11), _closed_form_kernel(m, kind, 11), **TIGHT)
+
+
+@pytest.mark.parametrize("transition", ("diag", "matrix", "shift"))
+@pytest.mark.parametrize("chunk", (None, 1, 3, 4, 10))
+def test_linear_scan_chunks_equal_an_explicit_loop(transition, chunk):
+    g = torch.Generator().manual_seed(3)
+    b = torch.randn(2, 10, 3, 4, generator=g, dtype=F64)
+    a = {"diag": 0.9 * torch.rand(3, 4, generator=g, dtype=F64),
+         "matrix": 0.3 * torch.randn(3, 4, 4, generator=g, dtype=F64), "shift": 1}[transition]
+    system = LinearSystem(a, transition, Bbar=None, C=None)
+    x, ref = torch.zeros(2, 3, 4, dtype=F64), []
+    for t in range(10):
+        if transition == "diag":
+            x = a * x
+        elif transition == "matrix":
+            x = torch.einsum("hij,bhj->bhi", a, x)
+        else:
+            x = torch.cat([torch.zeros_like(x[..., :1]), x[..., :-1]], -1)
+        x = x + b[:, t]
+        ref.append(x)
+    torch.testing.assert_close(linear_scan(system, b, chunk), torch.stack(ref, 1), **TIGHT)
 
 
 @torch.no_grad()

@@ -368,10 +368,11 @@ def _power(system: LinearSystem, k: int):
 
 
 def _recur(system: LinearSystem, p, b, x=None):
-    """x_t = p x_{t-1} + b_t over axis 1 of b, one step at a time (x_{-1} = x, or 0)."""
+    """x_t = p x_{t-1} + b_t over axis 1 of b, one step at a time (x_{-1} = x, or 0).
+    (unbind, not b[:, t]: indexing's backward would build a full-size gradient per step.)"""
     xs = []
-    for t in range(b.shape[1]):
-        x = b[:, t] if x is None else system.apply(p, x) + b[:, t]
+    for b_t in b.unbind(1):
+        x = b_t if x is None else system.apply(p, x) + b_t
         xs.append(x)
     return torch.stack(xs, 1)
 
@@ -426,7 +427,8 @@ def causal_conv(u, K):
 
 class SSM(Recurrent):
     """Linear time-invariant SSM (kinds diag = S4D, dense, s5, shift) with two plans:
-    ``"conv"`` (kernel + FFT convolution) and ``"scan"`` (the recurrence)."""
+    ``"conv"`` (kernel + FFT convolution), ``"scan"`` (chunked scan, about 3 sqrt(L)
+    vectorised steps) and ``"recurrent"`` (one step at a time)."""
 
     op = "ssm"
 
@@ -435,7 +437,7 @@ class SSM(Recurrent):
         kind = self.attrs["kind"]
         if kind in ("diag", "s5") and self.attrs["d_state"] % 2:
             raise SeqcError(f"d_state must be even for kind={kind} (conjugate pairs), got {self.attrs['d_state']}")
-        self.plan = "conv" if self.attrs["plan"] == "conv" else "scan"
+        self.plan = self.attrs["plan"] if self.attrs["plan"] in ("conv", "recurrent") else "scan"
 
     def state_dtype(self, dtype):
         return _state_dtype(dtype)
@@ -457,7 +459,7 @@ class SSM(Recurrent):
             system = self.system(work)
             uw = u.to(work)
             x0 = None if state is None else system.unpack(state["x"].to(work))
-            run = self._conv if self.plan == "conv" else self._scan
+            run = {"conv": self._conv, "recurrent": self._recurrent}.get(self.plan, self._scan)
             y, x = run(system, uw, x0, lengths, return_state)
             y = (y + self.D.to(work) * uw).to(_out_dtype(u.dtype, work))
         return (y, {"x": system.pack(x)}) if return_state else y
@@ -468,6 +470,16 @@ class SSM(Recurrent):
         if x0 is None:
             x0 = torch.zeros_like(b[:, 0])
         x = linear_scan(system, torch.cat([x0.unsqueeze(1), b], 1))    # x[:, t] = state after t steps
+        final = x[:, -1] if lengths is None else at_positions(x, lengths)
+        return system.read(x[:, 1:]), final
+
+    @staticmethod
+    def _recurrent(system, u, x0, lengths, want_state):
+        """The plain recurrence, one step at a time (what `step` does, over a sequence)."""
+        b = system.inject(u)
+        if x0 is None:
+            x0 = torch.zeros_like(b[:, 0])
+        x = torch.cat([x0.unsqueeze(1), _recur(system, system.a, b, x0)], 1)
         final = x[:, -1] if lengths is None else at_positions(x, lengths)
         return system.read(x[:, 1:]), final
 
@@ -555,10 +567,9 @@ class SelectiveSSM(Recurrent):
 
     @staticmethod
     def _loop(u, delta, B, C, z, x, args):
-        ys = []
-        for t in range(u.shape[1]):
-            y, x = scan.selective_scan_step(u[:, t], delta[:, t], B_t=B[:, t], C_t=C[:, t],
-                                            z_t=None if z is None else z[:, t], state=x, **args)
+        ys, zs = [], [None] * u.shape[1] if z is None else z.unbind(1)
+        for u_t, delta_t, B_t, C_t, z_t in zip(u.unbind(1), delta.unbind(1), B.unbind(1), C.unbind(1), zs):
+            y, x = scan.selective_scan_step(u_t, delta_t, B_t=B_t, C_t=C_t, z_t=z_t, state=x, **args)
             ys.append(y)
         if x is None:
             x = u.new_zeros(u.shape[0], u.shape[2], args["A"].shape[-1])
