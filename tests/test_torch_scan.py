@@ -216,3 +216,27 @@ def test_bad_discretization():
     args = make_inputs(1, 2, 2, 2, full=False)
     with pytest.raises(ValueError):
         selective_scan(**args, disc="bilinear-ish")
+
+
+@pytest.mark.skipif(not HAVE_NUMBA, reason="no numba")
+@pytest.mark.parametrize("dtype, rel", [("float32", 2e-7), ("float64", 5e-16)])
+def test_numba_exp_accuracy(dtype, rel):
+    """The kernels' vectorisable exp against numpy's, over the range that matters."""
+    import numba
+    import numpy as np
+
+    S._numba_kernels()
+
+    @numba.njit
+    def apply(x, out):
+        for i in range(x.size):
+            out[i] = S._exp(x[i])
+
+    x = np.concatenate([np.linspace(-85, 85, 20001), -np.geomspace(1e-12, 80, 2001)]).astype(dtype)
+    out = np.empty_like(x)
+    apply(x, out)
+    expect = np.exp(x.astype(np.float64))
+    assert np.max(np.abs(out - expect) / expect) < rel
+    nan = np.array([np.nan], dtype)
+    apply(nan, nan)
+    assert np.isnan(nan[0])

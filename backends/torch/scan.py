@@ -13,16 +13,17 @@ with ``dB_t = delta_t * B_t`` (``disc="mamba"``) or
 
 Memory: the ``(batch, L, D, N)`` states are never kept for backward.  The
 core recurrence is a custom ``autograd.Function`` that saves only the state
-at every ``chunk``-th step; backward recomputes one chunk of states at a
-time and runs the adjoint recurrence ``h_{t-1} = dA_t * h_t + C_{t-1} dy_{t-1}``
-backwards through it.  Two engines implement that core:
+before every ``chunk``-th step; backward recomputes one chunk of states at a
+time and runs the adjoint ``h_t = dA_{t+1} * h_{t+1} + C_t * dy_t`` backwards
+through it.  Two engines implement that core:
 
-* ``_NumbaEngine`` (CPU, ``disc="mamba"``, numba importable, ``SEQC_NO_NUMBA``
-  unset): fused JIT kernels parallel over (batch, channel), state in a small
-  local buffer, analytic adjoint.
+* ``_NumbaEngine`` (CPU tensors, ``disc="mamba"``, numba importable,
+  ``SEQC_NO_NUMBA`` unset or "0"): two fused JIT kernels, parallel over
+  (batch, block of channels), vectorised over the channels of a block, with
+  the adjoint written out by hand.
 * ``_TorchEngine`` (everything else, any device): chunks vectorised with a
-  Hillis-Steele scan, sequential across chunks; backward re-runs each chunk
-  under autograd from its checkpoint.
+  Hillis-Steele scan, sequential across chunks; the adjoint is the same scan
+  run backwards in time.
 
 Softplus, bias, the ``D`` skip and the gate are plain torch ops around the
 core, so autograd handles them (they only need O(batch*L*D) memory).
@@ -37,7 +38,7 @@ import torch.nn.functional as F
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _NUMBA_CHUNK = 64
-_TORCH_CHUNK = 64
+_TORCH_CHUNK = 32
 
 
 # --------------------------------------------------------------------------- #
@@ -86,24 +87,25 @@ def selective_scan_step(u_t, delta_t, A, B_t, C_t, D=None, z_t=None, delta_bias=
 
 
 # --------------------------------------------------------------------------- #
-# torch engine: vectorised chunks, autograd recompute in backward
+# torch engine: chunks vectorised with a Hillis-Steele scan, analytic adjoint
 # --------------------------------------------------------------------------- #
-def _chunk_forward(x0, u, delta, A, B, C, disc):
-    """Scan one chunk. x0 (b, D, N); u, delta (b, T, D); B, C (b, T, N).
-    Returns (y (b, T, D), last state (b, D, N))."""
-    a, bu = _discretize(delta, A, B, disc)
-    bu = bu * u.unsqueeze(-1)
-    T, s = u.shape[1], 1
-    while s < T:  # inclusive Hillis-Steele scan of (a, bu) pairs along time
-        bu = torch.cat([bu[:, :s], a[:, s:] * bu[:, :-s] + bu[:, s:]], 1)
-        a = torch.cat([a[:, :s], a[:, s:] * a[:, :-s]], 1)
+def _linear_scan(a, b, x0):
+    """x_t = a_t * x_{t-1} + b_t along dim 1 from x0, inclusive (Hillis-Steele).
+    a, b: (batch, T, ...); x0: (batch, ...).  Returns all x_t."""
+    T, s = a.shape[1], 1
+    a, b = a.clone(), b.clone()
+    while s < T:
+        b[:, s:] += a[:, s:] * b[:, :-s]  # the product is formed before b is written
+        a[:, s:] = a[:, s:] * a[:, :-s]
         s *= 2
-    x = a * x0.unsqueeze(1) + bu
-    return torch.einsum("btdn,btn->btd", x, C), x[:, -1]
+    return torch.addcmul(b, a, x0.unsqueeze(1))
 
 
 class _TorchEngine:
-    """Pure-torch core: works on any device and for every discretization."""
+    """Pure-torch core: works on any device and for every discretization.
+    Forward keeps the state before each chunk; backward recomputes a chunk's
+    states, runs the adjoint h_t = dA_{t+1} h_{t+1} + C_t dy_t as a reversed
+    scan, and differentiates only the (elementwise) discretization by autograd."""
 
     def __init__(self, chunk, disc):
         self.chunk, self.disc = chunk, disc
@@ -111,30 +113,44 @@ class _TorchEngine:
     def _spans(self, L):
         return [(t, min(t + self.chunk, L)) for t in range(0, L, self.chunk)]
 
+    def _coefficients(self, u, delta, A, B):
+        """(dA, dB * u) of x_t = dA_t x_{t-1} + dB_t u_t, each (b, T, D, N)."""
+        a, dB = _discretize(delta, A, B, self.disc)
+        return a, dB * u.unsqueeze(-1)
+
     def forward(self, u, delta, A, B, C, x0):
         ys, ckpts, x = [], [], x0
         for t0, t1 in self._spans(u.shape[1]):
             ckpts.append(x)
-            y, x = _chunk_forward(x, u[:, t0:t1], delta[:, t0:t1], A, B[:, t0:t1],
-                                  C[:, t0:t1], self.disc)
-            ys.append(y)
+            xs = _linear_scan(*self._coefficients(u[:, t0:t1], delta[:, t0:t1], A, B[:, t0:t1]), x)
+            ys.append(torch.einsum("btdn,btn->btd", xs, C[:, t0:t1]))
+            x = xs[:, -1].clone()  # a view would keep the whole chunk alive
         return torch.cat(ys, 1), x, torch.stack(ckpts)
 
     def backward(self, u, delta, A, B, C, ckpts, gy, gx):
-        parts, dA = [], torch.zeros_like(A)
+        parts, dA, h = [], torch.zeros_like(A), gx
         spans = self._spans(u.shape[1])
         for c in reversed(range(len(spans))):
             t0, t1 = spans[c]
-            leaves = [t.detach().requires_grad_() for t in
-                      (ckpts[c], u[:, t0:t1], delta[:, t0:t1], A, B[:, t0:t1], C[:, t0:t1])]
+            leaves = [t.detach().requires_grad_() for t in (u[:, t0:t1], delta[:, t0:t1], A, B[:, t0:t1])]
             with torch.enable_grad():
-                y, xT = _chunk_forward(*leaves, self.disc)
-                grads = torch.autograd.grad((y, xT), leaves, (gy[:, t0:t1], gx))
-            gx = grads[0]
-            dA += grads[3]
-            parts.append(grads[1:3] + grads[4:])
-        du, ddelta, dB, dC = (torch.cat(g[::-1], 1) for g in zip(*parts))
-        return du, ddelta, dA, dB, dC, gx
+                a, bu = self._coefficients(*leaves)
+            xs = _linear_scan(a.detach(), bu.detach(), ckpts[c])
+            g = gy[:, t0:t1]
+            hs = self._adjoint(a.detach(), C[:, t0:t1, None, :] * g.unsqueeze(-1), h)
+            x_prev = torch.cat([ckpts[c].unsqueeze(1), xs[:, :-1]], 1)
+            du, ddelta, dA_c, dB = torch.autograd.grad((a, bu), leaves, (hs * x_prev, hs))
+            h = a[:, 0].detach() * hs[:, 0]
+            dA += dA_c
+            parts.append((du, ddelta, dB, torch.einsum("btdn,btd->btn", xs, g)))
+        du, ddelta, dB, dC = (torch.cat(p[::-1], 1) for p in zip(*parts))
+        return du, ddelta, dA, dB, dC, h
+
+    @staticmethod
+    def _adjoint(a, c_gy, h_next):
+        """h_t = a_{t+1} h_{t+1} + c_gy_t within a chunk, h_next = dL/dx at its end."""
+        coef = torch.cat([a[:, 1:], torch.ones_like(a[:, :1])], 1).flip(1)
+        return _linear_scan(coef, c_gy.flip(1), h_next).flip(1)
 
 
 # --------------------------------------------------------------------------- #
@@ -245,7 +261,9 @@ _prange = range  # replaced by numba.prange once numba is loaded
 
 def _register_numba_exp(numba):
     """Overload ``_exp`` for numba: float32 Cephes expf and float64 degree-13
-    Taylor, both after Cody-Waite reduction, 2**k built from its bits."""
+    Taylor, both after Cody-Waite reduction, 2**k built from its bits.  Both
+    are accurate to about 1 ulp; arguments are clamped to the normal range
+    (exp(-1000) gives 3e-308, not 0), NaN propagates."""
     from llvmlite import ir
     from numba import types
     from numba.extending import intrinsic, overload
@@ -260,9 +278,8 @@ def _register_numba_exp(numba):
         return like(bits, like), codegen
 
     f32 = np.float32
-    c32 = [f32(v) for v in (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3,
-                            4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1)]
-    p0, p1, p2, p3, p4, p5 = c32
+    p0, p1, p2, p3, p4, p5 = (f32(v) for v in (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3,
+                                               4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1))
     lo32, hi32, l2e32, round32 = f32(-87.3), f32(88.3), f32(1.4426950408889634), f32(1.5 * 2**23)
     ln2hi32, ln2lo32, one32 = f32(0.693359375), f32(-2.12194440e-4), f32(1.0)
     t64 = tuple(1.0 / math.factorial(i) for i in range(13, 1, -1))
@@ -290,6 +307,8 @@ def _register_numba_exp(numba):
     @overload(_exp)
     def _exp_overload(x):
         return (lambda x: exp32(x)) if x == types.float32 else (lambda x: exp64(x))
+
+
 def _numba_kernels():
     """Compile (or load from cache) the two kernels; None if numba is unavailable."""
     if "kernels" not in _NUMBA:
@@ -376,6 +395,7 @@ class _ScanCore(torch.autograd.Function):
         return y, xL
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, gy, gx):
         u, delta, A, B, C, ckpt = ctx.saved_tensors
         gy = torch.zeros_like(u) if gy is None else gy
@@ -385,6 +405,7 @@ class _ScanCore(torch.autograd.Function):
 
 
 def _pick_engine(u, disc, chunk):
+    """The numba engine where it applies and is wanted, else the torch one."""
     use_numba = (disc == "mamba" and u.device.type == "cpu"
                  and os.environ.get("SEQC_NO_NUMBA", "") in ("", "0"))
     kernels = _numba_kernels() if use_numba else None
