@@ -407,6 +407,35 @@ def linear_scan(system: LinearSystem, b, chunk: int | None = None):
     return x.reshape(batch, count * size, *state)[:, :length]
 
 
+def _blocked_powers(z, n: int):
+    """(z^b for b < S, z^(S a) for a < A) with S ~ sqrt(n), A S >= n: every power z^l,
+    l = S a + b, is a product of one of each, so sums over l become small matrix products."""
+    size = max(1, math.isqrt(max(n - 1, 0)) + 1)
+    count = -(-n // size)
+    logz = torch.log(z).unsqueeze(-1)
+    inner = torch.exp(logz * torch.arange(size, device=z.device, dtype=z.real.dtype))
+    outer = torch.exp(logz * (size * torch.arange(count, device=z.device, dtype=z.real.dtype)))
+    return inner, outer, size, count
+
+
+def diag_kernel(w, z, n: int):
+    """K[..., l] = sum_k w[..., k] z[..., k]^l for l < n (a Vandermonde product), without
+    materialising the (..., k, n) powers: (outer * w)^T @ inner over blocks of sqrt(n)."""
+    inner, outer, size, count = _blocked_powers(z, n)
+    K = torch.einsum("...ka,...kb->...ab", outer * w.unsqueeze(-1), inner)
+    return K.reshape(*K.shape[:-2], size * count)[..., :n]
+
+
+def diag_drive(z, u):
+    """sum_s z^(L-1-s) u[:, s] for diagonal z (H, k) and u (B, L, H): (B, H, k), blocked like diag_kernel."""
+    batch, n, h = u.shape
+    inner, outer, size, count = _blocked_powers(z, n)
+    v = u.flip(1).to(z.dtype)                                    # v[s'] = u[L-1-s']
+    v = torch.cat([v, v.new_zeros(batch, size * count - n, h)], 1).view(batch, count, size, h)
+    part = torch.einsum("bash,hks->bhak", v, inner)
+    return torch.einsum("bhak,hka->bhk", part, outer)
+
+
 def free_response(system: LinearSystem, x0, n: int):
     """(B, n, *state): a^(t+1) x0 for t = 0 .. n-1."""
     first = system.apply(system.a, x0).unsqueeze(1)
@@ -450,6 +479,9 @@ class SSM(Recurrent):
     def kernel(self, length: int):
         """The convolution kernel of `length` taps: (H, L), or (H, H, L) for s5."""
         system = self.system(work_dtype(self.D))
+        if system.transition == "diag" and not system.mimo:
+            K = diag_kernel(system.C * system.Bbar, system.a, length)
+            return 2 * K.real if system.complex else K
         return system.kernel(powers(system, system.impulse(), length))
 
     def forward(self, u, state=None, return_state=False, lengths=None):
@@ -493,6 +525,11 @@ class SSM(Recurrent):
             y = system.read(x)
             if want_state:
                 final = x[:, -1] if lengths is None else at_positions(_from_zero(x), lengths)
+        elif system.transition == "diag":  # S4D: K[l] = 2 Re sum_n C_n Bbar_n a_n^l, no (L, H, N) powers
+            K = diag_kernel(system.C * system.Bbar, system.a, length)
+            y = causal_conv(u, 2 * K.real if system.complex else K)
+            if want_state:
+                final = system.Bbar * diag_drive(system.a, u if lengths is None else right_align(u, lengths))
         else:
             G = powers(system, system.impulse(), length)            # G[l] = a^l Bbar
             y = causal_conv(u, system.kernel(G))

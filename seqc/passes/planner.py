@@ -1,13 +1,21 @@
 """The execution planner: for each sequence layer, enumerate its legal plans
-(FFT convolution, chunked/parallel scan, plain recurrence), predict each one's
-cost from a simple machine model, and pick the cheapest unless the spec or
+(FFT convolution, chunked scan, plain recurrence), predict each one's cost
+from a machine model, and pick the cheapest unless the spec or
 ``compile(mode=...)`` forces one.
 
-Cost model (per forward pass; backward roughly doubles every plan alike):
-``time = flops / peak_flops + bytes / bandwidth + sequential_steps * step_overhead``.
-A "sequential step" is a dependent round of work the backend cannot batch
-(one interpreted loop iteration); it is what makes a recurrence lose at long
-lengths on hardware that is fast at big batched ops.
+Cost model (per forward pass; backward scales every plan alike):
+
+    time = sequential_steps * step_overhead + elements * ns_per_element(plan, working set)
+
+* a *sequential step* is one dependent round the backend cannot batch (an
+  interpreted loop iteration, a kernel launch);
+* *elements* are the state-sized values a plan materialises: the Vandermonde
+  powers of the convolution plan, the per-step states of the scans;
+* a plan's cost per element is calibrated per machine by
+  ``benchmarks/bench_plans.py``; the recurrence's per-element cost rises once
+  its state history no longer fits the last-level cache.
+
+FLOPs and bytes are reported alongside for information.
 """
 from __future__ import annotations
 
@@ -17,29 +25,37 @@ from dataclasses import dataclass
 from ..errors import SeqcError
 from .manager import compiler_pass
 
-# Machine models: sustained GFLOP/s, GB/s, and seconds per sequential step.
+# Machine models.  CPU figures fitted with benchmarks/bench_plans.py on the
+# 2-core development machine (AMD EPYC, 32 MiB L3); GPU figures are estimates.
 MACHINES = {
-    ("torch", "cpu"): dict(flops=25e9, bandwidth=8e9, step=12e-6),
-    ("numpy", "cpu"): dict(flops=5e9, bandwidth=4e9, step=25e-6),
-    ("triton", "cpu"): dict(flops=1e9, bandwidth=1e9, step=1e-3),
-    ("torch", "cuda"): dict(flops=20e12, bandwidth=1.5e12, step=8e-6),
-    ("triton", "cuda"): dict(flops=30e12, bandwidth=2e12, step=4e-6),
+    ("torch", "cpu"): dict(step=10e-6, llc=32 * 2 ** 20, ns={"conv": 0.6, "scan": 24.0, "recurrent": 1.0,
+                                                               "recurrent_dram": 12.0, "selective": 0.25}),
+    ("numpy", "cpu"): dict(step=25e-6, llc=32 * 2 ** 20, ns={"conv": 0.6, "scan": 24.0, "recurrent": 2.0,
+                                                             "recurrent_dram": 12.0, "selective": 20.0}),
+    ("torch", "cuda"): dict(step=8e-6, llc=50 * 2 ** 20, ns={"conv": 0.01, "scan": 0.02, "recurrent": 0.01,
+                                                             "recurrent_dram": 0.02, "selective": 0.005}),
 }
 SCAN_CHUNK = 64
+CONV_OPS = 85
 
 
 @dataclass
 class Option:
     plan: str
-    flops: float
-    bytes: float
     steps: float
-    memory: float          # peak extra bytes
+    elements: float
+    ns_per_element: float
+    flops: float
+    working_set: float      # bytes materialised
     legal: bool = True
     why: str = ""
 
     def seconds(self, m) -> float:
-        return self.flops / m["flops"] + self.bytes / m["bandwidth"] + self.steps * m["step"]
+        return self.steps * m["step"] + self.elements * self.ns_per_element * 1e-9
+
+
+def _machine(ctx):
+    return MACHINES.get((ctx.backend, ctx.device), MACHINES[("torch", "cpu")])
 
 
 def _itemsize(ctx) -> int:
@@ -48,36 +64,37 @@ def _itemsize(ctx) -> int:
 
 def options_for(node, ctx) -> list[Option]:
     B, L, s = ctx.batch, ctx.length, _itemsize(ctx)
+    m = _machine(ctx)
     if node.op == "ssm":
         H = int(node.input_shapes[0][-1])
         kind, N = node.attrs["kind"], node.attrs["d_state"]
         modes = {"diag": N // 2, "s5": N // 2, "dense": N, "shift": N}[kind]
-        cplx = 4 if kind in ("diag", "s5") else 1
-        mimo = H if kind == "s5" else 1                     # s5 mixes all channels
+        cplx = 2 if kind in ("diag", "s5") else 1
+        per_step = modes * (N if kind == "dense" else 1)        # dense: an N x N mat-vec per step
+        width = 1 if kind == "s5" else H                         # s5: one state shared by the channels
         nfft = 1 << max(1, math.ceil(math.log2(2 * L)))
-        dense_cost = N if kind == "dense" else 1            # dense: N x N mat-vec per step
-        kernel = H * mimo * modes * L * 2 * cplx            # Vandermonde kernel, once per call
-        fft = B * H * mimo * 5 * nfft * math.log2(nfft) * 2 + B * H * 5 * nfft * math.log2(nfft)
-        vandermonde = s * H * mimo * modes * cplx * L                 # (H, modes, L) powers, materialised
-        conv = Option("conv", kernel + fft, vandermonde + s * (B * H * L * 3 + B * H * mimo * nfft * 2),
-                      steps=6, memory=s * B * H * mimo * nfft * 2)
-        per_step = B * H * modes * dense_cost * 2 * cplx * (mimo if kind == "s5" else 1)
-        chunks = math.ceil(L / SCAN_CHUNK)
-        scan = Option("scan", per_step * L * 2, s * B * H * modes * cplx * L * 2,
-                      steps=chunks * 4, memory=s * B * H * modes * cplx * SCAN_CHUNK * 2)
-        rec = Option("recurrent", per_step * L, s * B * H * modes * cplx * L, steps=L * 3,
-                     memory=s * B * H * modes * cplx)
+        fft_flops = B * H * 5 * nfft * math.log2(nfft) * 2
+        vander = (H * H if kind == "s5" else H) * modes * L      # kernel powers, once per call
+        states = B * width * per_step * L
+        # conv: ~85 batched ops whatever L (kernel by blocked Vandermonde products, rfft, irfft)
+        conv = Option("conv", CONV_OPS, vander + B * H * nfft, m["ns"]["conv"],
+                      vander * 8 * cplx + fft_flops, s * cplx * (vander + B * H * nfft))
+        scan = Option("scan", 3 * math.sqrt(L), states, m["ns"]["scan"], states * 4 * cplx, s * cplx * states * 3)
+        history = s * cplx * states * 2
+        rec_ns = m["ns"]["recurrent"] if history <= m["llc"] else m["ns"]["recurrent_dram"]
+        rec = Option("recurrent", L, states, rec_ns, states * 4 * cplx, history)
         return [conv, scan, rec]
     if node.op == "selective_ssm":
         D, N = int(node.input_shapes[0][-1]), node.attrs["d_state"]
-        work = B * L * D * N * 6
-        conv = Option("conv", 0, 0, 0, 0, legal=False, why="input-dependent (selective) dynamics have no kernel")
-        scan = Option("scan", work, s * B * L * (3 * D + 2 * N), steps=math.ceil(L / SCAN_CHUNK),
-                      memory=s * B * D * N * math.ceil(L / SCAN_CHUNK))
-        rec = Option("recurrent", work, s * B * L * (3 * D + 2 * N), steps=L * 6, memory=s * B * D * N)
+        elems = B * L * D * N
+        why = "input-dependent (selective) dynamics have no convolution kernel"
+        conv = Option("conv", 0, 0, 0, 0, 0, legal=False, why=why)
+        scan = Option("scan", math.ceil(L / SCAN_CHUNK), elems, m["ns"]["selective"], elems * 6,
+                      s * B * D * N * math.ceil(L / SCAN_CHUNK))
+        rec = Option("recurrent", L * 6, elems, m["ns"]["selective"], elems * 6, s * B * D * N * L)
         return [conv, scan, rec]
     if node.op in ("lstm", "attention"):
-        return [Option("recurrent" if node.op == "lstm" else "scan", 0, 0, 0, 0)]
+        return [Option("recurrent" if node.op == "lstm" else "scan", 0, 0, 0, 0, 0)]
     return []
 
 
@@ -86,7 +103,7 @@ def choose(node, ctx):
     opts = options_for(node, ctx)
     if not opts:
         return [], None, ""
-    m = MACHINES.get((ctx.backend, ctx.device), MACHINES[("torch", "cpu")])
+    m = _machine(ctx)
     legal = [o for o in opts if o.legal]
     forced = node.attrs.get("plan", "auto")
     source = "spec"
@@ -121,25 +138,26 @@ def plan(g, ctx):
 
 def explain(g, ctx) -> str:
     """A table per layer: options, predicted cost, winner."""
-    m = MACHINES.get((ctx.backend, ctx.device), MACHINES[("torch", "cpu")])
+    m = _machine(ctx)
     lines = [f"plans for batch={ctx.batch} length={ctx.length} backend={ctx.backend} device={ctx.device} "
              f"dtype={ctx.dtype} {'training' if ctx.training else 'inference'}",
-             f"machine model: {m['flops'] / 1e9:g} GFLOP/s, {m['bandwidth'] / 1e9:g} GB/s, "
-             f"{m['step'] * 1e6:g} us per sequential step"]
+             f"machine model: {m['step'] * 1e6:g} us per sequential step; ns per element "
+             + ", ".join(f"{k} {v:g}" for k, v in m["ns"].items()) + f"; last-level cache {m['llc'] >> 20} MiB"]
     for n in g.order():
         opts, best, reason = choose(n, ctx)
-        if not opts:
+        if not opts or len(opts) == 1:
             continue
-        lines.append("")
-        lines.append(f"{n.name or '%' + str(n.id)}: {n.op} [{', '.join(f'{k}={v}' for k, v in sorted(n.attrs.items()) if k in ('kind', 'd_state', 'heads', 'hidden', 'disc'))}]")
-        lines.append(f"  {'plan':<10} {'GFLOP':>10} {'MB moved':>10} {'seq.steps':>10} {'memory MB':>10} {'predicted':>12}")
+        attrs = ", ".join(f"{k}={v}" for k, v in sorted(n.attrs.items()) if k in ("kind", "d_state", "disc"))
+        lines += ["", f"{n.name or '%' + str(n.id)}: {n.op} [{attrs}]",
+                  f"  {'plan':<10} {'seq.steps':>10} {'elements':>12} {'ns/elem':>8} {'GFLOP':>9} "
+                  f"{'memory MB':>10} {'predicted':>11}"]
         for o in opts:
             if not o.legal:
-                lines.append(f"  {o.plan:<10} {'-':>10} {'-':>10} {'-':>10} {'-':>10} {'illegal':>12}  ({o.why})")
+                lines.append(f"  {o.plan:<10} {'illegal: ' + o.why}")
                 continue
             mark = "  <- chosen" if o is best else ""
-            lines.append(f"  {o.plan:<10} {o.flops / 1e9:>10.4f} {o.bytes / 1e6:>10.2f} {o.steps:>10.0f} "
-                         f"{o.memory / 1e6:>10.2f} {_fmt_time(o.seconds(m)):>12}{mark}")
+            lines.append(f"  {o.plan:<10} {o.steps:>10.0f} {o.elements:>12.3g} {o.ns_per_element:>8.2f} "
+                         f"{o.flops / 1e9:>9.4f} {o.working_set / 2 ** 20:>10.2f} {_fmt_time(o.seconds(m)):>11}{mark}")
         lines.append(f"  winner: {best.plan} ({reason})")
     return "\n".join(lines) + "\n"
 
