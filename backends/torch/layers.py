@@ -230,6 +230,17 @@ class Conv1d(Recurrent):
             return y
         return y, {"window": self._last_inputs(padded, lengths, taps - 1)}
 
+    def step(self, x_t, state=None):
+        """One token: a dot product of the window with the taps (no convolution call)."""
+        if state is None:
+            state = self.init_state(x_t.shape[0], x_t.dtype, x_t.device)
+        full = torch.cat([state["window"].to(x_t.dtype), x_t.unsqueeze(-1)], -1)      # (B, D, K)
+        y = (full * self.weight[:, 0, :]).sum(-1)
+        bias = getattr(self, "bias", None)
+        if bias is not None:
+            y = y + bias
+        return activation(self.attrs["activation"])(y), {"window": full[..., 1:]}
+
     @staticmethod
     def _last_inputs(padded, lengths, count):
         """The `count` inputs before each sequence's end: padded positions [length, length + count)."""

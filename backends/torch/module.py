@@ -13,7 +13,7 @@ from seqc.codegen import compile_source
 from seqc.errors import SeqcError
 
 from . import functional
-from .codegen import class_name, emit
+from .codegen import class_name, emit, layer_names
 from .layers import LAYERS
 
 
@@ -41,6 +41,8 @@ class SeqcModule(nn.Module):
         object.__setattr__(self, "graph", graph)
         object.__setattr__(self, "source", source)
         _build_tree(self, graph)
+        # the layers in program order, for the generated code (not registered twice)
+        object.__setattr__(self, "layer_modules", tuple(self.get_submodule(n) for n in layer_names(graph)))
 
     def state_options(self) -> dict:
         p = next(self.parameters(), None)

@@ -82,7 +82,7 @@ def selective_scan_step(u_t, delta_t, A, B_t, C_t, D=None, z_t=None, delta_bias=
         state = u_t.new_zeros(u_t.shape + (A.shape[-1],))
     dA, dB = _discretize(delta_t, A, B_t, disc)
     state = dA * state + dB * u_t.unsqueeze(-1)
-    y = torch.einsum("bdn,bn->bd", state, C_t)
+    y = (state * C_t.unsqueeze(-2)).sum(-1)
     return _skip_and_gate(y, u_t, D, z_t), state
 
 
