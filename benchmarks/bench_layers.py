@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import seqc
-from benchmarks.common import RESULTS, median_ms, save
+from benchmarks.common import RESULTS, compare_ms, median_ms, save
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -34,8 +34,7 @@ def lstm_vs_torch(L, repeat):
     ref = torch.nn.LSTM(64, 128, batch_first=True)
     ours.get_submodule("lstm").load_state_dict(ref.state_dict())
     x = torch.randn(4, L, 64)
-    t_ours = median_ms(lambda: ours(x).sum().backward(), repeat)
-    t_ref = median_ms(lambda: ref(x)[0].sum().backward(), repeat)
+    t_ours, t_ref = compare_ms(lambda: ours(x).sum().backward(), lambda: ref(x)[0].sum().backward(), repeat)
     return {"length": L, "seqc_ms": t_ours, "torch_lstm_ms": t_ref, "ratio": t_ours / t_ref}
 
 
@@ -50,8 +49,7 @@ def attention_vs_sdpa(L, repeat):
         q, k, v = (proj(x).view(b, L, h, d // h).transpose(1, 2) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, L, d)
         return attn.o_proj(y)
-    t_ours = median_ms(lambda: ours(x).sum().backward(), repeat)
-    t_ref = median_ms(lambda: sdpa().sum().backward(), repeat)
+    t_ours, t_ref = compare_ms(lambda: ours(x).sum().backward(), lambda: sdpa().sum().backward(), repeat)
     return {"length": L, "seqc_ms": t_ours, "sdpa_ms": t_ref, "ratio": t_ours / t_ref}
 
 
@@ -115,7 +113,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="fewer lengths and repeats")
     args = ap.parse_args()
     torch.manual_seed(0)
-    repeat = 3 if args.quick else 5
+    repeat = 3 if args.quick else 9
     result = {"torch_threads": torch.get_num_threads()}
     result["lstm"] = [lstm_vs_torch(L, repeat) for L in (256, 1024)]
     for r in result["lstm"]:

@@ -23,6 +23,18 @@ def median_ms(fn, repeat=5, warmup=1):
     return statistics.median(times) * 1e3
 
 
+def compare_ms(fa, fb, repeat=7):
+    """Median ms of two functions timed alternately (so drift and warm caches hit both alike)."""
+    fa(), fb()
+    ta, tb = [], []
+    for _ in range(repeat):
+        for f, out in ((fa, ta), (fb, tb)):
+            t0 = time.perf_counter()
+            f()
+            out.append(time.perf_counter() - t0)
+    return statistics.median(ta) * 1e3, statistics.median(tb) * 1e3
+
+
 def rss_mb() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
