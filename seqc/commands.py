@@ -184,3 +184,18 @@ cmd_bench.options = [
     _opt("--steps", type=int, default=32, help="tokens to decode for the per-token figure"),
     _opt("--modes", default="auto,conv,scan,recurrent", help="plans to time (comma-separated)"),
 ]
+
+
+@command("fmt", "print the spec in canonical form (comments are not kept)")
+def cmd_fmt(args) -> int:
+    from .fmt import format_module
+    from .parser import parse_file
+    text = format_module(parse_file(args.file))
+    if args.check:
+        with open(args.file, encoding="utf-8") as f:
+            return 0 if f.read() == text else 1
+    sys.stdout.write(text)
+    return 0
+
+
+cmd_fmt.options = [_opt("--check", action="store_true", help="exit 1 if the file is not already formatted")]

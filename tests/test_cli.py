@@ -102,3 +102,22 @@ def test_console_script_no_traceback_on_garbage(tmp_path):
     p = subprocess.run([sys.executable, "-m", "seqc", "check", str(f)], capture_output=True, text=True, cwd=ROOT)
     assert p.returncode == 2
     assert "Traceback" not in p.stderr and re.match(r"^.+:\d+:\d+: error: ", p.stderr)
+
+
+@pytest.mark.skipif(__import__("shutil").which("dot") is None, reason="Graphviz's dot is not installed")
+def test_graph_svg(tmp_path, capsys):
+    out = tmp_path / "g.svg"
+    code, _, _ = run(capsys, "graph", example("mamba.seq"), "--svg", str(out), "-p", "n_layers=1")
+    text = out.read_text()
+    assert code == 0 and "<svg" in text and "plan=scan" in text
+
+
+def test_fmt_round_trips_an_example(tmp_path, capsys):
+    code, out, _ = run(capsys, "fmt", example("s4d.seq"))
+    assert code == 0
+    f = tmp_path / "s4d.seq"
+    f.write_text(out)
+    code, again, _ = run(capsys, "fmt", str(f), "--check")
+    assert code == 0
+    import seqc
+    assert seqc.parse(out) == seqc.parse(open(example("s4d.seq")).read())
