@@ -58,7 +58,6 @@ def decode_ms_per_token(name, model, steps=64):
                 for t in range(steps):
                     _, state = model.step(x[:, t], state)
         else:
-            from mambapy.mamba import MambaConfig  # noqa: F401
             d_inner = 2 * D_MODEL
 
             def go():

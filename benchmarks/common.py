@@ -9,18 +9,9 @@ import subprocess
 import sys
 import time
 
+from seqc.benchmark import median_ms  # noqa: F401  (one timer for `seqc bench` and these scripts)
+
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-
-
-def median_ms(fn, repeat=5, warmup=1):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
 
 
 def compare_ms(fa, fb, repeat=7):

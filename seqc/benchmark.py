@@ -11,8 +11,10 @@ import numpy as np
 from .compiler import compile, plan_graph
 
 
-def _time(fn, repeat):
-    fn()
+def median_ms(fn, repeat=5, warmup=1):
+    """Median wall time of `fn` in milliseconds, after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
     out = []
     for _ in range(repeat):
         t0 = time.perf_counter()
@@ -65,14 +67,14 @@ def bench(spec, params=None, *, backend="torch", length=1024, batch=2, repeat=3,
         row = {"mode": mode, "plans": plans}
         _progress(k, total, f"{mode}: forward")
         with torch.no_grad():
-            row["forward_ms"] = _time(lambda: model(x), repeat)
+            row["forward_ms"] = median_ms(lambda: model(x), repeat)
         k += 1
         _progress(k, total, f"{mode}: forward+backward")
 
         def fb():
             model.zero_grad(set_to_none=True)
             model(x).float().sum().backward()
-        row["fwd_bwd_ms"] = _time(fb, repeat)
+        row["fwd_bwd_ms"] = median_ms(fb, repeat)
         k += 1
         _progress(k, total, f"{mode}: step")
 
@@ -81,7 +83,7 @@ def bench(spec, params=None, *, backend="torch", length=1024, batch=2, repeat=3,
             for t in range(min(steps, length)):
                 _, state = model.step(x[:, t], state)
         with torch.no_grad():
-            row["step_ms"] = _time(decode, max(1, repeat // 2)) / min(steps, length)
+            row["step_ms"] = median_ms(decode, max(1, repeat // 2)) / min(steps, length)
         k += 1
         _progress(k, total, f"{mode}: done")
         rows.append(row)

@@ -57,6 +57,16 @@ def _assign(c: Call) -> str:
     return ", ".join(c.outs) if len(c.outs) > 1 else c.outs[0]
 
 
+def _line(r: Renderer, c: Call, state_in: str, step: bool) -> str:
+    """One call as a statement; a stateful call also stores its new state in S_out."""
+    if c.stateful:
+        key = repr(c.state_key)
+        line = f"{_assign(c)}, S_out[{key}] = {r.call(c, state_in.format(key), step=step)}"
+    else:
+        line = f"{_assign(c)} = {r.call(c, None, step=step)}"
+    return line + (f"  # {c.name}" if c.name else "")
+
+
 def generate(program: Program, r: Renderer, trace: bool = False) -> str:
     """Source of forward / init_state / step for `program` in the renderer's spelling.
 
@@ -77,18 +87,12 @@ def generate(program: Program, r: Renderer, trace: bool = False) -> str:
     fname = "forward_traced" if trace else "forward"
     extra = ", trace=None" if trace else ""
     emit(f"def {fname}({r.self_arg}{ins}{r.weights_arg}, state=None, return_state=False, lengths=None{extra}):")
-    emit(f"    S = {{}} if state is None else state")
-    emit(f"    S_out = {{}}")
+    emit("    S = {} if state is None else state")
+    emit("    S_out = {}")
     for p in prologue:
         emit("    " + p)
     for c in program.calls:
-        if c.stateful:
-            key = repr(c.state_key)
-            emit(f"    {_assign(c)}, S_out[{key}] = {r.call(c, f'S.get({key})', step=False)}")
-        else:
-            emit(f"    {_assign(c)} = {r.call(c, None, step=False)}")
-        if c.name:
-            lines[-1] += f"  # {c.name}"
+        emit("    " + _line(r, c, "S.get({})", step=False))
         if trace:
             emit(f"    trace[{c.node}] = {_assign(c) if len(c.outs) == 1 else '(' + _assign(c) + ',)'}")
     emit(f"    return ({ret}, S_out) if return_state else {ret}")
@@ -113,11 +117,7 @@ def generate(program: Program, r: Renderer, trace: bool = False) -> str:
     for p in prologue:
         emit("    " + p)
     for c in program.calls:
-        if c.stateful:
-            key = repr(c.state_key)
-            emit(f"    {_assign(c)}, S_out[{key}] = {r.call(c, f'state[{key}]', step=True)}")
-        else:
-            emit(f"    {_assign(c)} = {r.call(c, None, step=True)}")
+        emit("    " + _line(r, c, "state[{}]", step=True))
     emit(f"    return {ret}, S_out")
     return "\n".join(lines) + "\n"
 

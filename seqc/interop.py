@@ -85,8 +85,8 @@ def mamba_config(state_dict: dict) -> dict:
 def mamba_spec(cfg: dict) -> str:
     """The .seq source of a Mamba stack (or LM when cfg['vocab']) with these numbers."""
     c = {k: int(v) for k, v in cfg.items() if v is not None}
-    block = (f"MambaBlock({{x}}, d_model = d_model, d_state = d_state, d_conv = d_conv, dt_rank = dt_rank, "
-             f"d_inner = d_inner)")
+    block = ("MambaBlock({x}, d_model = d_model, d_state = d_state, d_conv = d_conv, dt_rank = dt_rank, "
+             "d_inner = d_inner)")
     head = (f"model MambaCheckpoint(d_model = {c['d_model']}, n_layers = {c['n_layers']}, d_state = {c['d_state']}, "
             f"d_conv = {c['d_conv']}, dt_rank = {c['dt_rank']}, d_inner = {c['d_inner']}")
     if cfg.get("vocab") is None:

@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 
 import networkx as nx
 
-from .errors import SeqcError, Span
+from .errors import Span
 from .registry import OPS
 
 

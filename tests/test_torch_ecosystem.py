@@ -3,8 +3,6 @@ float64), torch.compile, DistributedDataParallel (gloo, 2 processes), bf16
 autocast, gradients into the initial state, variable-length batches."""
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.distributed as dist
