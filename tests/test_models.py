@@ -139,3 +139,23 @@ def test_difftest_reports_agreement_and_localises_divergence(monkeypatch):
     report = seqc.difftest(example("mamba.seq"), params={"n_layers": 1})
     assert not report.ok
     assert report.first_divergence.op == "rmsnorm" and report.first_divergence.name == "layers.0.norm"
+
+
+def test_numpy_lengths_equal_each_sequence_alone_and_match_torch(rng):
+    ref = seqc.compile(example("mamba.seq"), backend="numpy", params={"n_layers": 1})
+    tm = seqc.compile(example("mamba.seq"), params={"n_layers": 1}).double().load_numpy(ref.weights)
+    x = rng.standard_normal((3, 9, 64))
+    lengths = np.array([9, 3, 6])
+    y, state = ref(x, ref.weights, lengths=lengths, return_state=True)
+    for b, n in enumerate(lengths):
+        alone = ref(x[b:b + 1, :n], ref.weights)
+        assert_agree(alone[0], y[b, :n], 1e-12)
+        assert np.all(y[b, n:] == 0)
+    yt, st = tm(torch.as_tensor(x), lengths=torch.as_tensor(lengths), return_state=True)
+    for b, n in enumerate(lengths):
+        assert_agree(y[b, :n], yt[b, :n], 1e-10)
+    for key in state:
+        for k in state[key]:
+            assert_agree(state[key][k], st[key][k], 1e-10, f"state {key}.{k}")
+    with pytest.raises(seqc.SeqcError, match="lengths"):
+        ref(x, ref.weights, lengths=np.array([10, 1, 1]))

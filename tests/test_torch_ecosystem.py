@@ -18,6 +18,7 @@ TINY_MAMBA = {"n_layers": 1, "d_model": 8, "d_state": 4, "expand": 2}
     ("mamba.seq", TINY_MAMBA, "auto"),
     ("s4d.seq", {"d_model": 3, "d_state": 4}, "conv"),
     ("s4d.seq", {"d_model": 3, "d_state": 4}, "scan"),
+    ("s4d.seq", {"d_model": 3, "d_state": 4}, "recurrent"),
     ("s5.seq", {"d_model": 3, "d_state": 4, "n_layers": 1}, "auto"),
     ("lstm.seq", {"d_model": 3, "hidden": 4, "layers": 2}, "auto"),
     ("attention.seq", {"d_model": 4, "n_heads": 2}, "auto"),

@@ -97,7 +97,35 @@ class NumpyModel:
             weights, xs = xs[-1], xs[:-1]
         xs = self._inputs(xs)
         _check_shapes(self.graph, xs)
-        return self._forward(*xs, self._check(weights), state=state, return_state=return_state)
+        weights = self._check(weights)
+        if lengths is not None:
+            return self._ragged(xs, weights, state, return_state, lengths)
+        return self._forward(*xs, weights, state=state, return_state=return_state)
+
+    def _ragged(self, xs, weights, state, return_state, lengths):
+        """Variable lengths, the plainest way: each sequence alone; outputs past a length are 0."""
+        lengths = np.asarray(lengths)
+        batch, length = xs[0].shape[:2]
+        if lengths.shape != (batch,) or not np.issubdtype(lengths.dtype, np.integer) or \
+                (lengths < 0).any() or (lengths > length).any():
+            raise SeqcError(f"lengths must be {batch} integers in [0, {length}], got {lengths.tolist()}")
+        outs, states = [], []
+        for b, n in enumerate(lengths.tolist()):
+            one = None if state is None else _take(state, b)
+            if n == 0:
+                y, s = None, (one if one is not None else self._init_state(1, weights))
+            else:
+                y, s = self._forward(*[x[b:b + 1, :n] for x in xs], weights, state=one, return_state=True)
+            outs.append(y)
+            states.append(s)
+        shape = next(y.shape for y in outs if y is not None) if any(y is not None for y in outs) else None
+        out = np.zeros((batch, length) + (shape[2:] if shape else ()))
+        for b, y in enumerate(outs):
+            if y is not None:
+                out[b, :y.shape[1]] = y[0]
+        if not return_state:
+            return out
+        return out, {k: {n: np.concatenate([s[k][n] for s in states], 0) for n in states[0][k]} for k in states[0]}
 
     def trace(self, *xs, weights=None) -> tuple:
         """(output, {node_id: value}) - every intermediate result, for difftest."""
@@ -114,6 +142,10 @@ class NumpyModel:
     def step(self, *xs, state, weights=None):
         xs = self._inputs(xs)
         return self._step(*xs, self._check(weights), state)
+
+
+def _take(state, b):
+    return {k: {n: v[b:b + 1] for n, v in d.items()} for k, d in state.items()}
 
 
 def _check_shapes(graph, xs):
