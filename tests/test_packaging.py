@@ -29,3 +29,16 @@ def test_data_directories_are_declared():
     assert {"seqc.grammar", "seqc.stdlib"} <= declared
     text = open(os.path.join(ROOT, "pyproject.toml")).read()
     assert '"seqc.grammar" = ["*.lark"]' in text and '"seqc.stdlib" = ["*.seq"]' in text
+
+
+def test_readme_tour_compiles_and_matches_the_shipped_block():
+    import numpy as np
+
+    import seqc
+    text = open(os.path.join(ROOT, "README.md")).read()
+    tour = re.search(r"```seq\n(.*?)```", text, re.S).group(1)
+    mine = seqc.compile(tour, backend="numpy")
+    shipped = seqc.compile(os.path.join(ROOT, "examples", "mamba.seq"), backend="numpy")
+    assert sorted(mine.weights) == sorted(shipped.weights)
+    x = np.random.default_rng(0).standard_normal((2, 7, 64))
+    np.testing.assert_allclose(mine(x, shipped.weights), shipped(x, shipped.weights), atol=1e-12)
