@@ -235,7 +235,7 @@ def format_node(n: Node) -> str:
     shown = {k: v for k, v in n.attrs.items()
              if spec is None or spec.attr(k) is None or spec.attr(k).default != v or k == "plan"}
     attrs = ", ".join(f"{k}={_fmt(v)}" for k, v in sorted(shown.items()))
-    meta = ", ".join(f"{k}={_fmt(v)}" for k, v in sorted(n.meta.items()) if k in ("plan", "fusion", "disc_form"))
+    meta = ", ".join(f"{k}={_fmt(v)}" for k, v in sorted(n.meta.items()) if k in ("plan", "fusion", "fused", "disc_form"))
     head = f"%{n.id} = {n.op}"
     if attrs:
         head += f"[{attrs}]"
