@@ -74,7 +74,7 @@ def _run(backend, graph, weights, xs, mode):
         return np.asarray(out), {k: _as_list(v) for k, v in values.items()}, None
     import torch
     from .backends.torch.module import build_module
-    model = build_module(graph).double().load_numpy(weights)
+    model = build_module(graph).double().load_numpy(weights).eval()   # dropout off, like the oracle
     ts = [torch.as_tensor(x) if x.dtype.kind == "i" else torch.as_tensor(x, dtype=torch.float64) for x in xs]
     out, values = model.trace(*ts)
     r = torch.as_tensor(np.random.default_rng(7).standard_normal(tuple(out.shape)))

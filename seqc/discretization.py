@@ -206,7 +206,7 @@ def _phi1_safe(w):
     The denominator is shifted by 1 inside the Taylor disc so the unused branch
     stays finite (no 0/0, no NaN gradients through torch.where).
     """
-    small = sp.Abs(w) < PHI1_TAYLOR_RADIUS
+    small = sp.Abs(w, evaluate=False) < PHI1_TAYLOR_RADIUS   # not dt*|A|: dt may be negative (raw delta)
     taylor = 1 + w / 2 + w**2 / 6 + w**3 / 24
     shifted = w + sp.Piecewise((1, small), (0, True))
     return sp.Piecewise((taylor, small), (expm1(w) / shifted, True))

@@ -6,6 +6,8 @@ import importlib.util
 import pytest
 import torch
 
+from seqc.errors import SeqcError
+
 from seqc.backends.torch import scan as S
 from seqc.backends.torch.scan import selective_scan, selective_scan_step
 
@@ -214,7 +216,7 @@ def test_numba_engine_selected_when_available(monkeypatch):
 
 def test_bad_discretization():
     args = make_inputs(1, 2, 2, 2, full=False)
-    with pytest.raises(ValueError):
+    with pytest.raises(SeqcError, match="unknown discretization"):
         selective_scan(**args, disc="bilinear-ish")
 
 

@@ -274,8 +274,8 @@ class LinearSystem:
 
     def apply(self, p, x):
         """p x for p a power of a (broadcast over leading axes of x)."""
-        if self.transition == "matrix":
-            return (p @ x.unsqueeze(-1)).squeeze(-1)
+        if self.transition == "matrix":   # einsum: a batched matmul would expand p to x's batch
+            return torch.einsum("...hnm,...hm->...hn", p, x)
         if self.transition == "shift":
             n = x.shape[-1]
             return F.pad(x[..., :max(n - p, 0)], (min(p, n), 0))
@@ -423,10 +423,13 @@ def _blocked_powers(z, n: int):
     l = S a + b, is a product of one of each, so sums over l become small matrix products."""
     size = max(1, math.isqrt(max(n - 1, 0)) + 1)
     count = -(-n // size)
-    logz = torch.log(z).unsqueeze(-1)
-    inner = torch.exp(logz * torch.arange(size, device=z.device, dtype=z.real.dtype))
-    outer = torch.exp(logz * (size * torch.arange(count, device=z.device, dtype=z.real.dtype)))
-    return inner, outer, size, count
+    def pw(exponents):   # z^k as exp(k log z); a mode that underflowed to 0 gives 0^0 = 1, 0^k = 0
+        k = exponents.to(z.real.dtype)
+        zero = z == 0
+        out = torch.exp(torch.log(torch.where(zero, torch.ones_like(z), z)).unsqueeze(-1) * k)
+        return torch.where(zero.unsqueeze(-1), (k == 0).to(out.dtype), out)
+    steps = torch.arange(max(size, count), device=z.device)
+    return pw(steps[:size]), pw(size * steps[:count]), size, count
 
 
 def diag_kernel(w, z, n: int):

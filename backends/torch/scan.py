@@ -32,10 +32,16 @@ bf16/fp16 inputs are computed in float32 and returned in the input dtype.
 import math
 import os
 
+import threading
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from seqc.discretization import discretizer
+from seqc.errors import SeqcError
+
+DISCRETIZATIONS = ("mamba", "zoh", "bilinear")
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _NUMBA_CHUNK = 64
 _TORCH_CHUNK = 32
@@ -51,15 +57,10 @@ def _prep_delta(delta, delta_bias, delta_softplus):
 
 
 def _discretize(delta, A, B, disc):
-    """delta (..., D), A (D, N), B (..., N) -> (dA, dB), each (..., D, N)."""
-    dtA = delta.unsqueeze(-1) * A
-    if disc == "mamba":
-        dB = delta.unsqueeze(-1) * B.unsqueeze(-2)
-    elif disc == "zoh":
-        dB = torch.expm1(dtA) / A * B.unsqueeze(-2)
-    else:
-        raise ValueError(f"unknown discretization {disc!r} (expected 'mamba' or 'zoh')")
-    return torch.exp(dtA), dB
+    """delta (..., D), A (D, N), B (..., N) -> (dA, dB), each (..., D, N), by the
+    sympy-derived diagonal discretization (seqc.discretization) with B = 1."""
+    dA, gain = discretizer("diag", disc, "torch")(A, 1.0, delta.unsqueeze(-1))
+    return dA, gain * B.unsqueeze(-2)
 
 
 def _skip_and_gate(y, u, D, z):
@@ -256,6 +257,7 @@ def _bwd_kernel(u, dt, A, B, C, ckpt, gy, chunk, h, xs, als,
 
 
 _NUMBA = {}
+_NUMBA_LOCK = threading.Lock()
 _prange = range  # replaced by numba.prange once numba is loaded
 
 
@@ -311,19 +313,23 @@ def _register_numba_exp(numba):
 
 def _numba_kernels():
     """Compile (or load from cache) the two kernels; None if numba is unavailable."""
-    if "kernels" not in _NUMBA:
-        try:
-            import numba
-        except ImportError:
-            _NUMBA["kernels"] = None
-        else:
-            global _prange
-            _prange = numba.prange
-            _register_numba_exp(numba)
-            jit = lambda fm: numba.njit(parallel=True, fastmath=fm, cache=True)  # noqa: E731
-            _NUMBA["threads"] = numba.get_num_threads
-            _NUMBA["kernels"] = (jit({"contract"})(_fwd_kernel),
-                                 jit({"contract", "reassoc"})(_bwd_kernel))
+    with _NUMBA_LOCK:
+        return _NUMBA["kernels"] if "kernels" in _NUMBA else _load_numba()
+
+
+def _load_numba():
+    """Set up numba once (under the lock): the exp overload, then the two kernels."""
+    try:
+        import numba
+    except ImportError:
+        _NUMBA["kernels"] = None
+        return None
+    global _prange
+    _prange = numba.prange
+    _register_numba_exp(numba)
+    jit = lambda fm: numba.njit(parallel=True, fastmath=fm, cache=True)  # noqa: E731
+    _NUMBA["threads"] = numba.get_num_threads
+    _NUMBA["kernels"] = (jit({"contract"})(_fwd_kernel), jit({"contract", "reassoc"})(_bwd_kernel))
     return _NUMBA["kernels"]
 
 
@@ -423,8 +429,9 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     ``disc`` is "mamba" (Euler B) or "zoh"; ``chunk`` is the checkpoint
     interval (None: engine default).  Gradients reach every tensor argument.
     """
-    if disc not in ("mamba", "zoh"):
-        raise ValueError(f"unknown discretization {disc!r} (expected 'mamba' or 'zoh')")
+    if disc not in DISCRETIZATIONS:
+        raise SeqcError(f"unknown discretization {disc!r} for the selective scan "
+                        f"(expected one of {', '.join(DISCRETIZATIONS)})")
     out_dtype = u.dtype
     work = torch.float32 if out_dtype in _LOW_PRECISION else out_dtype
     cast = lambda t: None if t is None else t.to(work)  # noqa: E731
