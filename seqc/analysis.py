@@ -33,9 +33,11 @@ register_backward_hook register_buffer register_forward_hook register_forward_pr
 register_full_backward_hook register_full_backward_pre_hook register_load_state_dict_post_hook
 register_load_state_dict_pre_hook register_module register_parameter register_state_dict_post_hook
 register_state_dict_pre_hook requires_grad_ set_extra_state set_submodule share_memory state_dict step to
-to_empty train training type xpu zero_grad graph source plan
+to_empty train training type xpu zero_grad graph source plan load_numpy trace state_options layer_modules
+check_inputs
 """.split())
 MAX_DEPTH = 32  # nested block instantiation
+MAX_WEIGHTS = 2 ** 34     # 17 billion: beyond any model this machine could hold
 MAX_ATTR_INT = 2 ** 24  # features, vocabularies, kernel sizes: larger is a mistake, not a model
 
 
@@ -69,7 +71,7 @@ def load(spec) -> Program:
     else:
         main = parse(spec)
     defs: dict[str, ast.Definition] = {}
-    _collect(main, defs, stack=[os.path.abspath(main.filename)])
+    _collect(main, defs, stack=[os.path.abspath(main.filename)], seen=set())
     models = [d for d in main.definitions if d.kind == "model"]
     if not models:
         raise SeqcError("no 'model' definition in this file", filename=main.filename, line=1, column=1)
@@ -90,18 +92,22 @@ def resolve_include(path: str, including: str) -> str:
     return os.path.abspath(os.path.join(base, path))
 
 
-def _collect(module: ast.Module, defs, stack):
+def _collect(module: ast.Module, defs, stack, seen):
+    """Definitions of `module` and (once each) of the files it includes."""
     for item in module.items:
         if isinstance(item, ast.Include):
             path = resolve_include(item.path, module.filename)
             if path in stack:
                 raise SeqcError(f"include cycle: {' -> '.join(os.path.basename(p) for p in stack + [path])}",
                                 item.span)
-            if not os.path.exists(path):
-                raise SeqcError(f"cannot include '{item.path}': no such file", item.span)
+            if not os.path.isfile(path):
+                what = "is a directory" if os.path.isdir(path) else "no such file"
+                raise SeqcError(f"cannot include '{item.path}': {what}", item.span)
             if len(stack) > 16:
                 raise SeqcError("includes nested more than 16 deep", item.span)
-            _collect(parse_file(path), defs, stack + [path])
+            if path not in seen:       # a file included twice (a diamond) contributes once
+                seen.add(path)
+                _collect(parse_file(path), defs, stack + [path], seen)
             continue
         if item.kind == "model" and len(stack) > 1:
             continue  # an included file's model is its own example, not ours
@@ -187,6 +193,7 @@ class _Scope:
         self.path = path
         self.values = dict(values)
         self.modules: dict[str, Span] = {}  # module names claimed in this scope
+        self.self_layer: Span | None = None  # the one layer bound `as self`, if any
         self.counters: dict[str, int] = {}
 
 
@@ -206,6 +213,10 @@ class Elaborator:
         scope = _Scope(model, "", params)
         outs = self._body(scope, inputs=None)
         self.graph.outputs = [t.ref for t in outs]
+        total = sum(math.prod(s) for s in self.graph.weight_shapes().values())
+        if total > MAX_WEIGHTS:
+            raise SeqcError(f"model '{model.name}' would have {total:,} weights (at most {MAX_WEIGHTS:,}); "
+                            f"check its dimensions", model.span)
         self.graph.verify()
         return self.graph
 
@@ -305,7 +316,8 @@ class Elaborator:
             v = self._eval(e, scope.values, None)
             if isinstance(v, Fraction) and v.denominator == 1:
                 v = int(v)
-            if not (isinstance(v, int) and not isinstance(v, bool) and v > 0) and not isinstance(v, sympy.Expr):
+            if not (isinstance(v, int) and not isinstance(v, bool) and v > 0) and not (
+                    isinstance(v, sympy.Expr) and v.is_positive is not False):
                 raise SeqcError(f"dimension {i} of '{stmt.name}' must be a positive integer, got {v}", e.span)
             dims.append(sympy.Integer(v) if isinstance(v, int) else v)
         if actual is None:
@@ -361,6 +373,9 @@ class Elaborator:
         if len(stmt.targets) != 1 or len(call.args) != 1:
             raise SeqcError("a repeated block takes one input and gives one output", stmt.span)
         base = stmt.alias or stmt.targets[0]
+        if base == "self":
+            raise SeqcError("'as self' places one layer's weights in its block; a repeat needs its own name",
+                            stmt.span)
         self._claim(scope, base, stmt.span)
         x = self._tensor(self._eval(call.args[0], scope.values, scope), call.args[0].span)
         for i in range(n):
@@ -368,7 +383,7 @@ class Elaborator:
         return [x]
 
     def _claim(self, scope, module, span):
-        if module in RESERVED_NAMES:
+        if module in RESERVED_NAMES or module.startswith("_"):
             raise SeqcError(f"'{module}' cannot name a layer: it is reserved (an attribute of every "
                             f"compiled module); choose another name", span)
         if module in scope.modules:
@@ -455,7 +470,8 @@ class Elaborator:
                 raise SeqcError(f"'{spec.name}' has no argument '{kw.name}'{did_you_mean(kw.name, choices)}", kw.span)
             if kw.name in attrs_given:
                 raise SeqcError(f"argument '{kw.name}' given twice", kw.span)
-            attrs_given[kw.name] = (self._eval(kw.value, scope.values, scope, enum=True), kw.span)
+            is_enum = spec.attr(kw.name).type == "enum"
+            attrs_given[kw.name] = (self._eval(kw.value, scope.values, scope, enum=is_enum), kw.span)
         if named_inputs:
             slots = list(spec.inputs)
             for k, (t, sp) in named_inputs.items():
@@ -514,13 +530,20 @@ class Elaborator:
                 if not scope.path:
                     raise SeqcError("'as self' needs an enclosing block; at the top level give the layer a name",
                                     call.span)
+                if scope.self_layer is not None:
+                    raise SeqcError(f"block '{scope.definition.name}' already has an 'as self' layer (at "
+                                    f"{scope.self_layer}); a block can be at most one layer itself", call.span)
+                scope.self_layer = call.span
                 name = scope.path
-                for k in spec.weights(shapes, attrs):
+                for k in {k.split(".")[0] for k in spec.weights(shapes, attrs)}:
                     self._claim(scope, k, call.span)
             else:
                 self._claim(scope, module, call.span)
                 name = join(scope.path, module)
         else:
+            if explicit and module == "self":
+                raise SeqcError(f"'as self' places a layer's weights in its block, but '{spec.name}' has none",
+                                call.span)
             name = name_hint or (join(scope.path, module) if module else "")
         if len(self.graph.nodes) >= MAX_NODES:
             raise SeqcError(f"model is too large (more than {MAX_NODES} nodes)", call.span)
@@ -623,6 +646,10 @@ class Elaborator:
             raise SeqcError(f"cannot apply '{e.op}' to {_kind(a)} and {_kind(b)}"
                             + (" (tensors combine with +, - and *)" if e.op not in ops else ""), e.span)
         spec = OPS[ops[e.op]]
+        for t, side in ((a, e.left), (b, e.right)):
+            if t.dtype != "float":
+                raise SeqcError(f"'{e.op}' needs float tensors; this one holds integer tokens (embed them first)",
+                                side.span)
         try:
             shapes = spec.shape([a.shape, b.shape], {})
         except ShapeError as err:

@@ -9,6 +9,7 @@ import time
 import numpy as np
 
 from .compiler import compile, plan_graph
+from .inputs import as_list, random_inputs
 
 
 def median_ms(fn, repeat=5, warmup=1):
@@ -56,13 +57,8 @@ def bench(spec, params=None, *, backend="torch", length=1024, batch=2, repeat=3,
     for mode in modes:
         model = compile(spec, backend=backend, params=params, mode=mode, length=length, batch=batch)
         g = model.graph
-        n = g.nodes[g.inputs[0]]
-        rng = np.random.default_rng(0)
-        if n.dtype == "int":
-            vocab = min(u.attrs["vocab"] for u in g.users(n.id) if u.op == "embedding")
-            x = torch.as_tensor(rng.integers(0, vocab, (batch, length)))
-        else:
-            x = torch.as_tensor(rng.standard_normal((batch, length, int(n.shape[-1]))), dtype=torch.float32)
+        (x,) = [torch.as_tensor(a) if a.dtype.kind == "i" else torch.as_tensor(a, dtype=torch.float32)
+                for a in random_inputs(g, batch, length, np.random.default_rng(0))]
         plans = ",".join(sorted({str(m.meta["plan"]) for m in g.order() if "plan" in m.meta})) or "-"
         row = {"mode": mode, "plans": plans}
         _progress(k, total, f"{mode}: forward")
@@ -73,7 +69,7 @@ def bench(spec, params=None, *, backend="torch", length=1024, batch=2, repeat=3,
 
         def fb():
             model.zero_grad(set_to_none=True)
-            model(x).float().sum().backward()
+            sum(y.float().sum() for y in as_list(model(x))).backward()
         row["fwd_bwd_ms"] = median_ms(fb, repeat)
         k += 1
         _progress(k, total, f"{mode}: step")

@@ -48,7 +48,10 @@ def cmd_graph(args) -> int:
         import subprocess
         if shutil.which("dot") is None:
             raise SeqcError("--svg needs Graphviz's 'dot' on the PATH (install graphviz)")
-        subprocess.run(["dot", "-Tsvg", "-o", args.svg], input=planned.to_dot(), text=True, check=True)
+        done = subprocess.run(["dot", "-Tsvg", "-o", args.svg], input=planned.to_dot(), text=True,
+                              capture_output=True)
+        if done.returncode:
+            raise SeqcError(f"dot could not write {args.svg}: {done.stderr.strip()}")
     if not args.dot or args.dot != "-":
         sys.stdout.write(g.dump())
     return 0
@@ -115,6 +118,8 @@ def main(argv=None) -> int:
     try:
         return args.fn(args) or 0
     except SeqcError as e:
+        if e.line is None and getattr(args, "file", None):   # still FILE:LINE:COL, as the contract says
+            e = SeqcError(e.message, filename=e.filename or args.file, line=1, column=1)
         print(e.render(), file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -43,6 +43,10 @@ class Renderer:
     def prologue(self, program: Program) -> list[str]:
         return []
 
+    def checks(self, program: Program, step: bool) -> list[str]:
+        """Lines run first in forward / step (e.g. input validation)."""
+        return []
+
     def call(self, c: Call, state_in: str | None, step: bool) -> str:
         raise NotImplementedError
 
@@ -87,6 +91,8 @@ def generate(program: Program, r: Renderer, trace: bool = False) -> str:
     fname = "forward_traced" if trace else "forward"
     extra = ", trace=None" if trace else ""
     emit(f"def {fname}({r.self_arg}{ins}{r.weights_arg}, state=None, return_state=False, lengths=None{extra}):")
+    for line in r.checks(program, step=False):
+        emit("    " + line)
     emit("    S = {} if state is None else state")
     emit("    S_out = {}")
     for p in prologue:
@@ -112,7 +118,12 @@ def generate(program: Program, r: Renderer, trace: bool = False) -> str:
 
     # one token
     step_ins = ", ".join(f"{v}" for v in program.inputs)
-    emit(f"def step({r.self_arg}{step_ins}{r.weights_arg}, state):")
+    emit(f"def step({r.self_arg}{step_ins}{r.weights_arg}, state=None):")
+    for line in r.checks(program, step=True):
+        emit("    " + line)
+    first = program.inputs[0]
+    emit("    if state is None:")
+    emit(f"        state = {r.self_arg and 'self.'}init_state({first}.shape[0]{r.weights_arg})")
     emit("    S_out = {}")
     for p in prologue:
         emit("    " + p)

@@ -7,6 +7,7 @@ import time
 
 from .cli import _params, command
 from .errors import SeqcError
+from .inputs import as_list, random_inputs
 
 
 def _opt(*flags, **kw):
@@ -107,31 +108,27 @@ def cmd_run(args) -> int:
     model = compile(args.file, backend=args.backend, params=_params(args.param), mode=args.mode, seed=args.seed,
                     length=L, batch=B, training=False)
     graph = model.graph
-    rng = np.random.default_rng(args.seed)
-    xs = []
-    for nid in graph.inputs:
-        n = graph.nodes[nid]
-        shape = tuple(B if str(d) == "B" else L if str(d) == "L" else int(d) for d in n.shape)
-        if n.dtype == "int":
-            vocab = min(int(v.weight_shapes().get("weight", (2,))[0]) for v in graph.users(nid)
-                        if v.op == "embedding") if any(v.op == "embedding" for v in graph.users(nid)) else 2
-            xs.append(rng.integers(0, vocab, size=shape))
-        else:
-            xs.append(rng.standard_normal(shape))
+    xs = random_inputs(graph, B, L, np.random.default_rng(args.seed))
     t0 = time.perf_counter()
     if args.backend == "numpy":
-        y = model(*xs, model.weights)
+        ys = as_list(model(*xs, model.weights))
     else:
         import torch
         with torch.no_grad():
             ts = [torch.as_tensor(x) if x.dtype.kind == "i" else torch.as_tensor(x, dtype=torch.float32) for x in xs]
-            y = model(*ts).numpy()
+            ys = [y.float().numpy() for y in as_list(model(*ts))]
     dt = time.perf_counter() - t0
-    y = np.asarray(y, dtype=np.float64)
-    print(f"model {graph.name} on {args.backend}: input {' '.join(str(tuple(x.shape)) for x in xs)} -> output {tuple(y.shape)}")
-    print(f"  mean {y.mean():+.6f}  std {y.std():.6f}  min {y.min():+.6f}  max {y.max():+.6f}  finite {bool(np.isfinite(y).all())}")
+    print(f"model {graph.name} on {args.backend}: input {' '.join(str(tuple(x.shape)) for x in xs)} -> "
+          f"output {' '.join(str(tuple(np.shape(y))) for y in ys)}")
+    finite = True
+    for k, y in enumerate(ys):
+        y = np.asarray(y, dtype=np.float64)
+        finite &= bool(np.isfinite(y).all())
+        label = f"  output {k}:" if len(ys) > 1 else " "
+        print(f"{label} mean {y.mean():+.6f}  std {y.std():.6f}  min {y.min():+.6f}  max {y.max():+.6f}  "
+              f"finite {bool(np.isfinite(y).all())}")
     print(f"  {dt * 1e3:.1f} ms")
-    return 0 if np.isfinite(y).all() else 1
+    return 0 if finite else 1
 
 
 cmd_run.options = [
@@ -148,6 +145,8 @@ def cmd_difftest(args) -> int:
     from .differential import difftest
     backends = tuple(b.strip() for b in args.backends.split(","))
     modes = tuple(m.strip() for m in args.modes.split(",")) if args.modes else ("auto",) * len(backends)
+    if len(modes) != len(backends):
+        raise SeqcError(f"--modes needs one mode per backend ({len(backends)}), got {len(modes)}")
     report = difftest(args.file, backends, _params(args.param), seed=args.seed,
                       batch=_positive("batch", args.batch), length=_positive("length", args.length),
                       modes=modes, tolerance=args.tolerance)

@@ -11,6 +11,7 @@ import numpy as np
 from .compiler import BACKENDS, check_choice, plan_graph
 from .errors import SeqcError
 from .init import init_weights
+from .inputs import as_list, random_inputs
 
 
 @dataclass
@@ -51,36 +52,25 @@ class Report:
         return "\n".join(lines)
 
 
-def _inputs(graph, batch, length, seed):
-    rng = np.random.default_rng(seed + 1)
-    xs = []
-    for nid in graph.inputs:
-        n = graph.nodes[nid]
-        shape = tuple(batch if str(d) == "B" else length if str(d) == "L" else int(d) for d in n.shape)
-        if n.dtype == "int":
-            vocab = min((u.attrs["vocab"] for u in graph.users(nid) if u.op == "embedding"), default=2)
-            xs.append(rng.integers(0, vocab, size=shape))
-        else:
-            xs.append(rng.standard_normal(shape))
-    return xs
-
-
 def _run(backend, graph, weights, xs, mode):
     """(output, {node: [arrays]}, grads or None) in float64."""
     if backend == "numpy":
         from .backends.numpy.codegen import NumpyModel
         m = NumpyModel(graph)
         out, values = m.trace(*xs, weights=weights)
-        return np.asarray(out), {k: _as_list(v) for k, v in values.items()}, None
+        return [np.asarray(o) for o in as_list(out)], {k: _as_list(v) for k, v in values.items()}, None
     import torch
     from .backends.torch.module import build_module
     model = build_module(graph).double().load_numpy(weights).eval()   # dropout off, like the oracle
     ts = [torch.as_tensor(x) if x.dtype.kind == "i" else torch.as_tensor(x, dtype=torch.float64) for x in xs]
     out, values = model.trace(*ts)
-    r = torch.as_tensor(np.random.default_rng(7).standard_normal(tuple(out.shape)))
-    (out * r).sum().backward()
+    rng = np.random.default_rng(7)
+    loss = sum((o * torch.as_tensor(rng.standard_normal(tuple(o.shape)))).sum() for o in as_list(out))
+    if loss.requires_grad:          # a model without weights has nothing to differentiate
+        loss.backward()
     grads = {k: p.grad.detach().numpy().copy() for k, p in model.named_parameters() if p.grad is not None}
-    return out.detach().numpy(), {k: [t.detach().numpy() for t in _as_list(v)] for k, v in values.items()}, grads
+    return ([o.detach().numpy() for o in as_list(out)],
+            {k: [t.detach().numpy() for t in _as_list(v)] for k, v in values.items()}, grads)
 
 
 def _as_list(v):
@@ -92,11 +82,13 @@ def difftest(spec, backends=("numpy", "torch"), params=None, seed: int = 0, *, b
     """Compare two backends (CONTRACT: seqc.difftest) node by node, in float64."""
     if len(backends) != 2:
         raise SeqcError(f"difftest compares two backends, got {len(backends)}")
+    if len(modes) != len(backends):
+        raise SeqcError(f"difftest needs one mode per backend ({len(backends)}), got {len(modes)}")
     for b in backends:
         check_choice("backend", b, BACKENDS)
     graphs = [plan_graph(spec, b, params, m, length=length, batch=batch) for b, m in zip(backends, modes)]
     weights = init_weights(graphs[0], seed=seed)
-    xs = _inputs(graphs[0], batch, length, seed)
+    xs = random_inputs(graphs[0], batch, length, np.random.default_rng(seed + 1))
     results = [_run(b, g, weights, xs, m) for b, g, m in zip(backends, graphs, modes)]
     report = Report(tuple(backends), tolerance=tolerance)
     (out_a, val_a, grad_a), (out_b, val_b, grad_b) = results
@@ -110,10 +102,11 @@ def difftest(spec, backends=("numpy", "torch"), params=None, seed: int = 0, *, b
         rel = max_abs / max(scale, 1e-30)
         where = f"{n.span.file}:{n.span.line}:{n.span.column}" if n.span else ""
         report.rows.append(Row(n.id, n.name, n.op, where, max_abs, rel, max_abs <= tolerance * max(1.0, scale)))
-    report.output_abs = float(np.abs(out_a - out_b).max(initial=0))
+    report.output_abs = max(float(np.abs(a - b).max(initial=0)) for a, b in zip(out_a, out_b))
     if grad_a is not None and grad_b is not None:
         report.grad_abs = max((float(np.abs(grad_a[k] - grad_b[k]).max()) for k in grad_a if k in grad_b), default=0)
-    report.ok = all(r.ok for r in report.rows) and report.output_abs <= tolerance * max(1.0, float(np.abs(out_a).max()))
+    scale = max(1.0, max(float(np.abs(a).max(initial=0)) for a in out_a))
+    report.ok = all(r.ok for r in report.rows) and report.output_abs <= tolerance * scale
     if report.grad_abs is not None:
         report.ok = report.ok and report.grad_abs <= tolerance * 100
     return report

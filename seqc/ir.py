@@ -146,6 +146,7 @@ class Graph:
         """Check the IR's invariants; a failure is a compiler bug, not a user error."""
         problems = []
         seen_keys: dict[str, int] = {}
+        state_keys: dict[str, int] = {}
         for n in self.order():
             if n.op != "input" and n.op not in OPS:
                 problems.append(f"%{n.id}: unknown op {n.op}")
@@ -163,13 +164,19 @@ class Graph:
                 lo = len(spec.inputs) - len(spec.optional_inputs)
                 if not lo <= len(n.inputs) <= len(spec.inputs):
                     problems.append(f"%{n.id}: {n.op} takes {len(spec.inputs)} inputs, has {len(n.inputs)}")
+            if spec is not None and not problems:
+                problems += _check_shapes(self, n)
+            if spec is not None and spec.stateful:
+                if n.name in state_keys:
+                    problems.append(f"%{n.id}: state key '{n.name}' also belongs to %{state_keys[n.name]}")
+                state_keys[n.name] = n.id
             for k in n.weight_shapes():
                 key = join(n.name, k)
                 if key in seen_keys:
                     problems.append(f"%{n.id}: weight key {key} also belongs to %{seen_keys[key]}")
                 seen_keys[key] = n.id
         for r in self.outputs:
-            if r.node not in self.nodes:
+            if r.node not in self.nodes or r.index >= len(self.nodes[r.node].shapes):
                 problems.append(f"output {r} does not exist")
         if set(self.nx.nodes) != set(self.nodes):
             problems.append("DiGraph nodes differ from the node table")
@@ -214,6 +221,24 @@ class Graph:
             out.append(f"  n{r.node} -> out;")
         out.append("}")
         return "\n".join(out) + "\n"
+
+
+def _check_shapes(g: "Graph", n: Node) -> list[str]:
+    """The node's recorded shapes and input shapes agree with the registry's rule."""
+    import sympy
+
+    ins = tuple(g.shape_of(r) for r in n.inputs)
+    if ins != tuple(n.input_shapes):
+        return [f"%{n.id}: stale input shapes {n.input_shapes} (inputs now give {ins})"]
+    try:
+        want = n.spec.shape(list(ins), n.attrs)
+    except Exception as e:  # noqa: BLE001 - any failure of the rule is a broken invariant
+        return [f"%{n.id}: {n.op} rejects its inputs: {e}"]
+    same = len(want) == len(n.shapes) and all(
+        len(a) == len(b) and all(x == y or sympy.simplify(sympy.sympify(x) - sympy.sympify(y)) == 0
+                                 for x, y in zip(a, b))
+        for a, b in zip(want, n.shapes))
+    return [] if same else [f"%{n.id}: recorded shapes {n.shapes} but {n.op} gives {tuple(map(tuple, want))}"]
 
 
 def _fmt(v) -> str:

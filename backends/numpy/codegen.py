@@ -6,6 +6,7 @@ import numpy as np
 
 from seqc.codegen import Renderer, compile_source, generate, kwargs
 from seqc.errors import SeqcError
+from seqc.inputs import check_inputs, declared_inputs
 from seqc.lower import Call, Program, lower
 
 
@@ -77,26 +78,15 @@ class NumpyModel:
                 raise SeqcError(f"weight '{k}' has shape {tuple(np.shape(weights[k]))}, expected {tuple(shape)}")
         return {k: np.asarray(v, dtype=np.float64) for k, v in weights.items()}
 
-    def _inputs(self, xs):
-        nodes = [self.graph.nodes[i] for i in self.graph.inputs]
-        if len(xs) != len(nodes):
-            raise SeqcError(f"model takes {len(nodes)} input(s), got {len(xs)}")
-        out = []
-        for x, n in zip(xs, nodes):
-            x = np.asarray(x)
-            if n.dtype == "int":
-                if not np.issubdtype(x.dtype, np.integer):
-                    raise SeqcError(f"input '{n.attrs['name']}' takes integer tokens, got {x.dtype}")
-            else:
-                x = x.astype(np.float64)
-            out.append(x)
-        return out
+    def _inputs(self, xs, step=False):
+        xs = [np.asarray(x) for x in xs]
+        check_inputs(declared_inputs(self.graph), xs, step=step)
+        return [x if x.dtype.kind in "iub" else x.astype(np.float64) for x in xs]
 
     def __call__(self, *xs, weights=None, state=None, return_state=False, lengths=None):
         if len(xs) >= 2 and isinstance(xs[-1], dict):
             weights, xs = xs[-1], xs[:-1]
         xs = self._inputs(xs)
-        _check_shapes(self.graph, xs)
         weights = self._check(weights)
         if lengths is not None:
             return self._ragged(xs, weights, state, return_state, lengths)
@@ -139,24 +129,10 @@ class NumpyModel:
     def init_state(self, batch: int, weights=None):
         return self._init_state(batch, self._check(weights))
 
-    def step(self, *xs, state, weights=None):
-        xs = self._inputs(xs)
+    def step(self, *xs, state=None, weights=None):
+        xs = self._inputs(xs, step=True)
         return self._step(*xs, self._check(weights), state)
 
 
 def _take(state, b):
     return {k: {n: v[b:b + 1] for n, v in d.items()} for k, d in state.items()}
-
-
-def _check_shapes(graph, xs):
-    import sympy
-
-    for x, nid in zip(xs, graph.inputs):
-        n = graph.nodes[nid]
-        want = n.shape
-        if x.ndim != len(want):
-            raise SeqcError(f"input '{n.attrs['name']}' must have {len(want)} dimensions "
-                            f"[{', '.join(map(str, want))}], got shape {tuple(x.shape)}")
-        for i, (d, got) in enumerate(zip(want, x.shape)):
-            if not isinstance(d, sympy.Symbol) and int(d) != got:
-                raise SeqcError(f"input '{n.attrs['name']}': dimension {i} must be {d}, got {got}")

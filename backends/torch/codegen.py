@@ -22,6 +22,9 @@ class TorchRenderer(Renderer):
     def prologue(self, program):
         return ["M = self.layer_modules"] if self.index else []
 
+    def checks(self, program, step):
+        return [f"self.check_inputs({', '.join(program.inputs)}{', step=True' if step else ''})"]
+
     def _mod(self, c: Call) -> str:
         return f"M[{self.index[c.name]}]"
 
@@ -46,7 +49,9 @@ RESERVED = {"SeqcModule", "run", "fn"}
 
 
 def class_name(graph) -> str:
-    return graph.name + "Model" if graph.name in RESERVED else graph.name
+    """The model's name, unless it would shadow the generated code's names or is a Python keyword."""
+    import keyword
+    return graph.name + "Model" if graph.name in RESERVED or keyword.iskeyword(graph.name) else graph.name
 
 
 def emit(graph, trace: bool = False) -> str:

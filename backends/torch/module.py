@@ -11,6 +11,7 @@ from torch import nn
 
 from seqc.codegen import compile_source
 from seqc.errors import SeqcError
+from seqc.inputs import check_inputs, declared_inputs
 
 from . import functional
 from .codegen import class_name, emit, layer_names
@@ -28,7 +29,14 @@ class Container(nn.Module):
 
 
 def run(layer, *args, state, return_state, lengths):
-    """Call a stateful layer; always give back (output, state or None)."""
+    """Call a stateful layer; always give back (output, state or None).  An empty
+    sequence (a streaming chunk with no tokens) leaves the state as it was."""
+    x = args[0]
+    if x.shape[1] == 0:
+        out = x.new_zeros(x.shape[0], 0, layer.out_features)
+        if return_state and state is None:
+            state = layer.init_state(x.shape[0], out.dtype, x.device)
+        return out, (state if return_state else None)
     out = layer(*args, state=state, return_state=return_state, lengths=lengths)
     return out if return_state else (out, None)
 
@@ -42,7 +50,24 @@ class SeqcModule(nn.Module):
         object.__setattr__(self, "source", source)
         _build_tree(self, graph)
         # the layers in program order, for the generated code (not registered twice)
-        object.__setattr__(self, "layer_modules", tuple(self.get_submodule(n) for n in layer_names(graph)))
+        object.__setattr__(self, "_layer_paths", tuple(tuple(n.split(".")) for n in layer_names(graph)))
+        object.__setattr__(self, "_inputs", declared_inputs(graph))
+
+    @property
+    def layer_modules(self) -> tuple:
+        """The layer modules in program order, read through the registered submodules on
+        every call (plain dict look-ups), so a swapped-in module (LoRA, quantisation) is used."""
+        out = []
+        for path in self._layer_paths:
+            m = self
+            for key in path:
+                m = m._modules[key]
+            out.append(m)
+        return tuple(out)
+
+    def check_inputs(self, *xs, step: bool = False) -> None:
+        """Inputs must match the spec's declared shapes (symbols bound consistently) and element types."""
+        check_inputs(self._inputs, xs, step=step)
 
     def state_options(self) -> dict:
         p = next(self.parameters(), None)
@@ -82,6 +107,7 @@ def _build_tree(root: nn.Module, graph) -> None:
         plan = n.meta.get("plan")
         if plan is not None:
             mod.plan = plan
+        mod.out_features = int(n.shape[-1])
         layers[n.name] = mod
     paths = set()
     for name in layers:
