@@ -207,7 +207,7 @@ class Elaborator:
     # entry point
     def run(self) -> Graph:
         model = self.program.model
-        params = self._bind_params(model, {}, self.overrides, model.span, from_python=True)
+        params = self._bind_params(model, self.overrides, model.span, from_python=True)
         shown = {k: _to_number(v) for k, v in params.items()}
         self.graph = Graph(model.name, shown)
         scope = _Scope(model, "", params)
@@ -220,7 +220,7 @@ class Elaborator:
         self.graph.verify()
         return self.graph
 
-    def _bind_params(self, definition, caller_env, given: dict, call_span, from_python=False):
+    def _bind_params(self, definition, given: dict, call_span, from_python=False):
         names = [p.name for p in definition.params]
         dup = {n for n in names if names.count(n) > 1}
         if dup:
@@ -353,8 +353,7 @@ class Elaborator:
             raise SeqcError(f"{len(stmt.targets)} name(s) on the left but the right side gives {len(outs)} value(s)",
                             stmt.span)
         for t, v in zip(stmt.targets, outs):
-            if t in OPS or t in PARAM_FUNCTIONS:
-                pass  # a layer may be named after its op (conv1d = conv1d(x)); calls resolve ops first
+            # a value may be named after an op (conv1d = conv1d(x)): calls resolve ops first
             old = scope.values.get(t)
             if old is not None and not isinstance(old, Tensor) and isinstance(v, Tensor) and t in \
                     {p.name for p in scope.definition.params}:
@@ -426,7 +425,7 @@ class Elaborator:
                 raise SeqcError(f"block parameter '{kw.name}' must be a number, not a tensor "
                                 f"(pass tensors positionally)", kw.span)
             given[kw.name] = (v, kw.span)
-        params = self._bind_params(definition, scope.values, given, call.span)
+        params = self._bind_params(definition, given, call.span)
         inner = _Scope(definition, path, params)
         self.stack.append(call.func)
         try:

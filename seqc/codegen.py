@@ -53,9 +53,6 @@ class Renderer:
     def init_state(self, c: Call) -> str:
         raise NotImplementedError
 
-    def outputs(self, c: Call) -> str:
-        return ", ".join(c.outs)
-
 
 def _assign(c: Call) -> str:
     return ", ".join(c.outs) if len(c.outs) > 1 else c.outs[0]

@@ -480,10 +480,19 @@ def discretize(A, B, dt, method: str = "zoh"):
     method = _method(method)
     A, Bm, step = _numeric("A", A), _numeric("B", B), _check_dt(dt)
     n = _check_shapes(A, Bm)
-    if A.ndim == 1:
-        column = A.reshape((n,) + (1,) * (Bm.ndim - 1))
-        abar, bbar = discretizer("diag", method, "numpy")(column, Bm, step)
-        return (np.array(np.broadcast_to(abar, column.shape).reshape(n)),
-                np.array(np.broadcast_to(bbar, Bm.shape)))
-    abar, bbar = discretizer("dense", method, "numpy")(A, Bm.reshape(n, -1), step)
-    return np.array(abar), np.array(bbar).reshape(Bm.shape)
+    with np.errstate(all="ignore"):
+        try:
+            if A.ndim == 1:
+                column = A.reshape((n,) + (1,) * (Bm.ndim - 1))
+                abar, bbar = discretizer("diag", method, "numpy")(column, Bm, step)
+                abar = np.array(np.broadcast_to(abar, column.shape).reshape(n))
+                bbar = np.array(np.broadcast_to(bbar, Bm.shape))
+            else:
+                abar, bbar = discretizer("dense", method, "numpy")(A, Bm.reshape(n, -1), step)
+                abar, bbar = np.array(abar), np.array(bbar).reshape(Bm.shape)
+        except np.linalg.LinAlgError:
+            abar = None
+    if abar is None or not (np.isfinite(abar).all() and np.isfinite(bbar).all()):
+        raise SeqcError(f"the {method} discretization is singular for this A and dt "
+                        f"(I - a*dt*A is not invertible, or the values overflow)")
+    return abar, bbar

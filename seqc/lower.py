@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .ir import Graph, Node, Ref
+from .ir import Graph, Ref
 
 
 @dataclass
@@ -35,7 +35,6 @@ class Call:
 class Program:
     model: str
     inputs: list[str]
-    input_nodes: list[Node]
     outputs: list[str]
     calls: list[Call]
 
@@ -49,11 +48,10 @@ def var(ref: Ref, n_outputs: int) -> str:
 
 def lower(graph: Graph) -> Program:
     calls = []
-    inputs, input_nodes = [], []
+    inputs = []
     for n in graph.order():
         if n.op == "input":
             inputs.append(var(Ref(n.id), 1))
-            input_nodes.append(n)
             continue
         spec = n.spec
         outs = [var(Ref(n.id, i), len(n.shapes)) for i in range(len(n.shapes))]
@@ -64,4 +62,4 @@ def lower(graph: Graph) -> Program:
         calls.append(Call(n.id, n.op, outs, args, attrs, n.name, spec.has_weights, spec.stateful,
                           dict(n.meta)))
     outputs = [var(r, len(graph.nodes[r.node].shapes)) for r in graph.outputs]
-    return Program(graph.name, inputs, input_nodes, outputs, calls)
+    return Program(graph.name, inputs, outputs, calls)

@@ -9,7 +9,7 @@ symbolic batch / length dimensions).  Weight and state shapes are concrete.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 REQUIRED = object()
@@ -50,7 +50,6 @@ class OpSpec:
     time_invariant: bool = False               # a convolution face exists
     int_input: bool = False                    # first input holds integer tokens
     doc: str = ""
-    attr_map: dict = field(default=None, compare=False)
 
     def attr(self, name: str) -> Attr | None:
         return next((a for a in self.attrs if a.name == name), None)

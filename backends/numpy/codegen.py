@@ -115,7 +115,7 @@ class NumpyModel:
                 out[b, :y.shape[1]] = y[0]
         if not return_state:
             return out
-        return out, {k: {n: np.concatenate([s[k][n] for s in states], 0) for n in states[0][k]} for k in states[0]}
+        return out, {k: _stack_states([s[k] for s in states]) for k in states[0]}
 
     def trace(self, *xs, weights=None) -> tuple:
         """(output, {node_id: value}) - every intermediate result, for difftest."""
@@ -132,6 +132,24 @@ class NumpyModel:
     def step(self, *xs, state=None, weights=None):
         xs = self._inputs(xs, step=True)
         return self._step(*xs, self._check(weights), state)
+
+
+def _stack_states(per_sequence: list[dict]) -> dict:
+    """One layer's states of single sequences -> a batch state.  A KV cache (k, v of
+    shape (1, heads, T_b, hd)) is right-padded to the longest T, with `valid` marking the real keys."""
+    first = per_sequence[0]
+    if "k" not in first:
+        return {n: np.concatenate([s[n] for s in per_sequence], 0) for n in first}
+    longest = max(s["k"].shape[2] for s in per_sequence)
+    out = {"k": [], "v": [], "valid": []}
+    for s in per_sequence:
+        t = s["k"].shape[2]
+        pad = ((0, 0), (0, 0), (0, longest - t), (0, 0))
+        out["k"].append(np.pad(s["k"], pad))
+        out["v"].append(np.pad(s["v"], pad))
+        valid = s.get("valid", np.ones((1, t), bool))
+        out["valid"].append(np.pad(valid, ((0, 0), (0, longest - t))))
+    return {n: np.concatenate(v, 0) for n, v in out.items()}
 
 
 def _take(state, b):

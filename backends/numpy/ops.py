@@ -273,9 +273,10 @@ def _ssm_diag(u, p, x0, disc):
 
 def _ssm_dense(u, p, x0, disc):
     """One dense A (N, N) shared by all channels, per-channel B_h, C_h and step dt_h."""
-    H = p["D"].shape[0]
-    Abar, Bbar_all = discretizer("dense", disc, "numpy")(p["A"], p["B"].T, np.exp(p["log_dt"]))
-    Bbar = Bbar_all[np.arange(H), :, np.arange(H)]                       # (H, N): column h for channel h
+    n = p["A"].shape[0]
+    # Bbar_h = G_h B_h with G_h = disc(B = I): N x N blocks, not (N + H)-sized ones per channel
+    Abar, gain = discretizer("dense", disc, "numpy")(p["A"], np.eye(n), np.exp(p["log_dt"]))
+    Bbar = np.einsum("hnm,hm->hn", gain, p["B"])                         # (H, N)
     return _lti_scan(u, x0,
                      lambda x, u_t: np.einsum("hnm,bhm->bhn", Abar, x) + Bbar * u_t[:, :, None],
                      lambda x: (p["C"] * x).sum(axis=-1), p["D"])
@@ -435,9 +436,16 @@ def attention(x, *, p, state=None, heads, bias, **_):
     v = np.concatenate([cache["v"], v], axis=2)
     past = cache["k"].shape[2]
     visible = np.arange(past + length)[None, :] <= past + np.arange(length)[:, None]   # (L, T)
+    valid = cache.get("valid")               # (B, past): cached keys that are real, not padding
+    if valid is not None:
+        visible = visible[None] & np.concatenate([valid, np.ones((batch, length), bool)], 1)[:, None, :]
+        visible = visible[:, None]           # (B, 1, L, T)
     scores = np.where(visible, q @ k.transpose(0, 1, 3, 2) / math.sqrt(hd), -np.inf)
     out = (_softmax(scores) @ v).transpose(0, 2, 1, 3).reshape(batch, length, d)
-    return linear(out, p=_sub(p, "o_proj"), bias=bias), {"k": k, "v": v}
+    new = {"k": k, "v": v}
+    if valid is not None:
+        new["valid"] = np.concatenate([valid, np.ones((batch, length), bool)], 1)
+    return linear(out, p=_sub(p, "o_proj"), bias=bias), new
 
 
 attention_step = _step_of(attention)

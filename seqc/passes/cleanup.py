@@ -13,9 +13,10 @@ def _identity_input(n):
         return n.inputs[0]
     if n.op == "concat" and len(n.inputs) == 1:
         return n.inputs[0]
-    if n.op == "split" and n.attrs.get("sizes") in (1, [1]) or (n.op == "split" and isinstance(
-            n.attrs.get("sizes"), list) and len(n.attrs["sizes"]) == 1):
-        return n.inputs[0]
+    if n.op == "split":
+        sizes = n.attrs["sizes"]
+        if sizes == 1 or (isinstance(sizes, list) and len(sizes) == 1):
+            return n.inputs[0]
     return None
 
 

@@ -93,8 +93,8 @@ def options_for(node, ctx) -> list[Option]:
                       s * B * D * N * math.ceil(L / SCAN_CHUNK))
         rec = Option("recurrent", L * 6, elems, m["ns"]["selective"], elems * 6, s * B * D * N * L)
         return [conv, scan, rec]
-    if node.op in ("lstm", "attention"):
-        return [Option("recurrent" if node.op == "lstm" else "scan", 0, 0, 0, 0, 0)]
+    if node.op in ("lstm", "attention"):   # one plan each: the fused LSTM kernel, SDPA (the recurrent face is step)
+        return [Option("recurrent", 0, 0, 0, 0, 0)]
     return []
 
 
