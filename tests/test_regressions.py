@@ -162,3 +162,14 @@ def test_multi_output_models_and_other_symbol_names():
 def test_singular_discretization_is_a_user_error():
     with pytest.raises(seqc.SeqcError, match="singular"):
         seqc.discretize([2.0], [1.0], 1.0, "bilinear")
+
+
+def test_lstm_rows_of_length_zero_keep_their_state(rng):
+    ref = seqc.compile(example("lstm.seq"), backend="numpy", params={"layers": 2})
+    tm = seqc.compile(example("lstm.seq"), params={"layers": 2}).double().load_numpy(ref.weights)
+    x, lengths = rng.standard_normal((3, 6, 32)), np.array([6, 0, 2])
+    y, s = ref(x, ref.weights, lengths=lengths, return_state=True)
+    yt, st = tm(torch.as_tensor(x), lengths=torch.as_tensor(lengths), return_state=True)
+    assert_agree(y, yt, 1e-10)
+    for k in ("h", "c"):
+        assert_agree(s["lstm"][k], st["lstm"][k], 1e-10)

@@ -648,7 +648,7 @@ class LSTM(Recurrent):
         return [getattr(self, f"{n}_l{k}") for k in range(self.attrs["layers"]) for n in names]
 
     def forward(self, x, state=None, return_state=False, lengths=None):
-        lengths = check_lengths(lengths, x, minimum=1)
+        lengths = check_lengths(lengths, x)
         if state is None:
             state = self.init_state(x.shape[0], x.dtype, x.device)
         hx = (state["h"].transpose(0, 1).to(x.dtype), state["c"].transpose(0, 1).to(x.dtype))
@@ -659,8 +659,18 @@ class LSTM(Recurrent):
             y, h, c = self._packed(x, hx, lengths, common)
         return (y, {"h": h.transpose(0, 1), "c": c.transpose(0, 1)}) if return_state else y
 
-    @staticmethod
-    def _packed(x, hx, lengths, common):
+    @classmethod
+    def _packed(cls, x, hx, lengths, common):
+        """Packed sequences; rows of length 0 (packing refuses them) output zeros and keep their state."""
+        live = lengths > 0
+        if not bool(live.all()):
+            rows = live.nonzero().squeeze(1)
+            y = x.new_zeros(x.shape[:2] + (hx[0].shape[-1],))
+            h, c = hx[0].clone(), hx[1].clone()
+            if rows.numel():
+                y_live, h_live, c_live = cls._packed(x[rows], (hx[0][:, rows], hx[1][:, rows]), lengths[rows], common)
+                y, h, c = y.index_copy(0, rows, y_live), h.index_copy(1, rows, h_live), c.index_copy(1, rows, c_live)
+            return y, h, c
         packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
         order, back = packed.sorted_indices, packed.unsorted_indices
         hx = tuple(s.index_select(1, order).contiguous() for s in hx)
