@@ -19,7 +19,7 @@ _PLAN_OPTS = [
     _opt("--batch", "-B", type=int, default=1, help="batch size to plan for"),
     _opt("--backend", default="torch", help="numpy | torch | triton"),
     _opt("--mode", default="auto", help="auto | conv | scan | recurrent"),
-    _opt("--inference", action="store_true", help="plan for inference instead of training"),
+    _opt("--training", action="store_true", help="plan for forward+backward instead of inference"),
 ]
 
 
@@ -33,7 +33,7 @@ def _plan(args, instruments=None, pipeline=None):
     from .compiler import plan_graph
     return plan_graph(args.file, args.backend, _params(args.param), args.mode,
                       length=_positive("length", args.length), batch=_positive("batch", args.batch),
-                      training=not args.inference, pipeline=pipeline, instruments=instruments)
+                      training=args.training, pipeline=pipeline, instruments=instruments)
 
 
 @command("passes", "list the pass pipeline and dump the IR between passes")
@@ -76,7 +76,7 @@ def cmd_explain(args) -> int:
     from .passes import explain
     from .passes.manager import PlanContext
     g = _plan(args)
-    ctx = PlanContext(batch=args.batch, length=args.length, backend=args.backend, training=not args.inference,
+    ctx = PlanContext(batch=args.batch, length=args.length, backend=args.backend, training=args.training,
                       mode=args.mode)
     sys.stdout.write(explain(g, ctx))
     return 0

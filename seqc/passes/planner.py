@@ -37,6 +37,9 @@ MACHINES = {
 }
 SCAN_CHUNK = 64
 CONV_OPS = 85
+# forward+backward / forward, per sequential step (fitted with bench_plans.py --train)
+TRAIN_LOOP_STEPS = 6.0
+TRAIN_BATCHED_STEPS = 2.5
 
 
 @dataclass
@@ -49,9 +52,15 @@ class Option:
     working_set: float      # bytes materialised
     legal: bool = True
     why: str = ""
+    batched: bool = False      # its steps are a fixed set of batched ops, not a loop over time
+    training: bool = False
 
     def seconds(self, m) -> float:
-        return self.steps * m["step"] + self.elements * self.ns_per_element * 1e-9
+        steps, elements = self.steps, self.elements
+        if self.training:   # backward: autograd replays every step (a loop's far more dearly)
+            steps *= TRAIN_BATCHED_STEPS if self.batched else TRAIN_LOOP_STEPS
+            elements *= 2
+        return steps * m["step"] + elements * self.ns_per_element * 1e-9
 
 
 def _machine(ctx):
@@ -78,7 +87,7 @@ def options_for(node, ctx) -> list[Option]:
         states = B * width * per_step * L
         # conv: ~85 batched ops whatever L (kernel by blocked Vandermonde products, rfft, irfft)
         conv = Option("conv", CONV_OPS, vander + B * H * nfft, m["ns"]["conv"],
-                      vander * 8 * cplx + fft_flops, s * cplx * (vander + B * H * nfft))
+                      vander * 8 * cplx + fft_flops, s * cplx * (vander + B * H * nfft), batched=True)
         scan = Option("scan", 3 * math.sqrt(L), states, m["ns"]["scan"], states * 4 * cplx, s * cplx * states * 3)
         history = s * cplx * states * 2
         rec_ns = m["ns"]["recurrent"] if history <= m["llc"] else m["ns"]["recurrent_dram"]
@@ -90,7 +99,7 @@ def options_for(node, ctx) -> list[Option]:
         why = "input-dependent (selective) dynamics have no convolution kernel"
         conv = Option("conv", 0, 0, 0, 0, 0, legal=False, why=why)
         scan = Option("scan", math.ceil(L / SCAN_CHUNK), elems, m["ns"]["selective"], elems * 6,
-                      s * B * D * N * math.ceil(L / SCAN_CHUNK))
+                      s * B * D * N * math.ceil(L / SCAN_CHUNK), batched=True)
         rec = Option("recurrent", L * 6, elems, m["ns"]["selective"], elems * 6, s * B * D * N * L)
         return [conv, scan, rec]
     if node.op in ("lstm", "attention"):   # one plan each: the fused LSTM kernel, SDPA (the recurrent face is step)
@@ -101,6 +110,8 @@ def options_for(node, ctx) -> list[Option]:
 def choose(node, ctx):
     """(options, winner, reason) for one node."""
     opts = options_for(node, ctx)
+    for o in opts:
+        o.training = ctx.training
     if not opts:
         return [], None, ""
     m = _machine(ctx)
