@@ -1,0 +1,145 @@
+"""Shared pieces of the torch runtime layers: attribute defaults, working and
+state dtypes, length handling, and the base classes (``Layer``, ``Pointwise``
+for per-position layers, ``Recurrent`` for layers with a state)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from seqc.errors import SeqcError
+from seqc.registry import OPS, REQUIRED
+
+HALF = (torch.float16, torch.bfloat16)
+
+# -- helpers ---------------------------------------------------------------------------
+
+
+def with_defaults(op: str, attrs: dict) -> dict:
+    """The node's attributes completed with the registry's defaults."""
+    spec = OPS[op]
+    out = {a.name: a.default for a in spec.attrs if a.default is not REQUIRED}
+    out.update(attrs)
+    missing = [a.name for a in spec.attrs if a.name not in out]
+    if missing:
+        raise SeqcError(f"{op}: missing attribute {', '.join(missing)}")
+    return out
+
+
+def stand_in_shapes(in_features) -> list[tuple]:
+    """Stand-in input shapes (1, 1, features) for the registry's weight / state rules."""
+    return [(1, 1, int(f)) for f in in_features]
+
+
+def work_dtype(*tensors) -> torch.dtype:
+    """The promoted float dtype of `tensors`, with half precision raised to float32."""
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        if t is not None:
+            dtype = torch.promote_types(dtype, t.dtype)
+    return torch.float32 if dtype in HALF or not dtype.is_floating_point else dtype
+
+
+def output_dtype(dtype, work):
+    """Outputs keep a half-precision input's dtype, otherwise the compute dtype."""
+    return dtype if dtype in HALF else work
+
+
+def accumulator_dtype(dtype) -> torch.dtype:
+    """State precision: float64 stays, everything else accumulates in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def no_autocast(x):
+    return torch.autocast(device_type=x.device.type, enabled=False)
+
+
+def check_lengths(lengths, x, minimum: int = 0):
+    """`lengths` as a LongTensor (B,) on x's device with minimum <= length <= L, or None."""
+    if lengths is None:
+        return None
+    lengths = torch.as_tensor(lengths, device=x.device)
+    batch, length = x.shape[:2]
+    if lengths.dtype.is_floating_point or lengths.dtype.is_complex or tuple(lengths.shape) != (batch,):
+        raise SeqcError(f"lengths must be {batch} integers (one per sequence), got {tuple(lengths.shape)} "
+                        f"{lengths.dtype}")
+    lengths = lengths.long()
+    if bool((lengths < minimum).any()) or bool((lengths > length).any()):
+        raise SeqcError(f"lengths must lie in [{minimum}, {length}], got {lengths.tolist()}")
+    return lengths
+
+
+def at_positions(x, index):
+    """x[b, index[b]] for x (B, T, ...)."""
+    return x[torch.arange(x.shape[0], device=x.device), index]
+
+
+def from_zero(x):
+    """States (B, L, ...) after 1..L steps, with the zero state before them: index = steps taken."""
+    return torch.cat([torch.zeros_like(x[:, :1]), x], 1)
+
+
+def right_align(u, lengths):
+    """Shift each sequence so that its first `length` steps end at the last position (zeros before)."""
+    batch, length = u.shape[:2]
+    src = torch.arange(length, device=u.device)[None, :] - (length - lengths)[:, None]   # (B, L)
+    valid = (src >= 0).view(batch, length, *(1,) * (u.dim() - 2))
+    index = src.clamp(min=0).view(batch, length, *(1,) * (u.dim() - 2)).expand_as(u)
+    return torch.where(valid, u.gather(1, index), torch.zeros((), dtype=u.dtype, device=u.device))
+
+
+# -- base classes -------------------------------------------------------------------------
+
+
+class Layer(nn.Module):
+    """Attributes with defaults and the registry's weights as zero parameters."""
+
+    op: str = ""
+
+    def __init__(self, in_features, attrs: dict):
+        super().__init__()
+        self.in_features = [int(f) for f in in_features]
+        self.attrs = with_defaults(self.op, dict(attrs))
+        self._build(OPS[self.op].weights(stand_in_shapes(self.in_features), self.attrs))
+
+    def _build(self, shapes: dict) -> None:
+        for name, shape in shapes.items():
+            self.register_parameter(name, nn.Parameter(torch.zeros(shape)))
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.attrs.items())
+
+    def init_state(self, batch: int, dtype=torch.float32, device=None) -> dict:
+        return {}
+
+
+class Pointwise(Layer):
+    """A weighted layer acting on each position alone: state passes through untouched."""
+
+    def map(self, x):
+        raise NotImplementedError
+
+    def forward(self, x, state=None, return_state=False, lengths=None):
+        y = self.map(x)
+        return (y, state if state is not None else {}) if return_state else y
+
+    def step(self, x_t, state=None):
+        return self.map(x_t), state if state is not None else {}
+
+
+class Recurrent(Layer):
+    """A layer with a recurrent state; `step` defaults to forward on a length-1 sequence."""
+
+    def state_dtype(self, dtype):
+        return dtype
+
+    def init_state(self, batch: int, dtype=torch.float32, device=None) -> dict:
+        shapes = OPS[self.op].state(stand_in_shapes(self.in_features), self.attrs)
+        dtype = self.state_dtype(dtype)
+        return {k: torch.zeros((batch,) + tuple(s), dtype=dtype, device=device) for k, s in shapes.items()}
+
+    def step(self, *inputs_t, state=None):
+        seq = [None if x is None else x.unsqueeze(1) for x in inputs_t]
+        y, new_state = self(*seq, state=state, return_state=True)
+        return y[:, 0], new_state
+
+
