@@ -1,18 +1,14 @@
-"""Semantic analysis: resolve includes, evaluate parameters, check names,
-arities, attribute values and symbolic shapes, and elaborate a model (blocks
-inlined, repetitions unrolled with hierarchical names) into the graph IR.
+"""Semantic analysis and elaboration: evaluate parameters, check names, arities,
+attribute values and symbolic shapes, and elaborate a model (blocks inlined,
+repetitions unrolled with hierarchical names) into the graph IR.
 
 Nothing from a spec is evaluated as Python: expressions are walked here and
-only the arithmetic in ``_arith`` and the functions in
-``registry.PARAM_FUNCTIONS`` are ever applied to their values.
+only ``values.arith`` and ``registry.PARAM_FUNCTIONS`` are applied to them.
 """
 from __future__ import annotations
 
 import math
-import os
-from dataclasses import dataclass
 from fractions import Fraction
-from pathlib import Path
 from typing import Any
 
 import sympy
@@ -20,8 +16,10 @@ import sympy
 from . import ast
 from .errors import SeqcError, Span, did_you_mean
 from .ir import Graph, Ref, join
-from .parser import parse, parse_file
+from .loader import Program, load
+from .parser import parse
 from .registry import OPS, PARAM_FUNCTIONS, REQUIRED, ShapeError
+from .values import Sym, Tensor, arith, check_attr, fmt_shape, is_number, kind_of, to_number
 
 MAX_NODES = 200_000
 # Names a layer cannot take because every compiled torch module already has them.
@@ -38,152 +36,7 @@ check_inputs
 """.split())
 MAX_DEPTH = 32  # nested block instantiation
 MAX_WEIGHTS = 2 ** 34     # 17 billion: beyond any model this machine could hold
-MAX_ATTR_INT = 2 ** 24  # features, vocabularies, kernel sizes: larger is a mistake, not a model
 
-
-@dataclass(frozen=True)
-class Tensor:
-    ref: Ref
-    shape: tuple
-    dtype: str
-
-
-class Sym(str):
-    """A bare identifier used where an enum value is expected (e.g. plan = conv)."""
-
-
-# -- loading --------------------------------------------------------------------
-
-@dataclass
-class Program:
-    main: ast.Module
-    definitions: dict[str, ast.Definition]
-    model: ast.Definition
-
-
-def load(spec) -> Program:
-    """Parse `spec` (a path or source text) and everything it includes."""
-    if isinstance(spec, ast.Module):
-        main = spec
-    elif isinstance(spec, Path) or (isinstance(spec, str) and "\n" not in spec and "{" not in spec
-                                    and (spec.endswith(".seq") or os.path.exists(spec))):
-        main = parse_file(spec)
-    else:
-        main = parse(spec)
-    defs: dict[str, ast.Definition] = {}
-    _collect(main, defs, stack=[os.path.abspath(main.filename)], seen=set())
-    models = [d for d in main.definitions if d.kind == "model"]
-    if not models:
-        raise SeqcError("no 'model' definition in this file", filename=main.filename, line=1, column=1)
-    if len(models) > 1:
-        raise SeqcError(f"more than one model in one file (first is '{models[0].name}')", models[1].span)
-    return Program(main, defs, models[0])
-
-
-STDLIB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "stdlib")
-
-
-def resolve_include(path: str, including: str) -> str:
-    """'std/NAME.seq' names a block file shipped with seqc; other paths are
-    relative to the including file (or the working directory for source text)."""
-    if path.startswith("std/"):
-        return os.path.join(STDLIB, path[4:])
-    base = os.path.dirname(including) if os.path.exists(including) else os.getcwd()
-    return os.path.abspath(os.path.join(base, path))
-
-
-def _collect(module: ast.Module, defs, stack, seen):
-    """Definitions of `module` and (once each) of the files it includes."""
-    for item in module.items:
-        if isinstance(item, ast.Include):
-            path = resolve_include(item.path, module.filename)
-            if path in stack:
-                raise SeqcError(f"include cycle: {' -> '.join(os.path.basename(p) for p in stack + [path])}",
-                                item.span)
-            if not os.path.isfile(path):
-                what = "is a directory" if os.path.isdir(path) else "no such file"
-                raise SeqcError(f"cannot include '{item.path}': {what}", item.span)
-            if len(stack) > 16:
-                raise SeqcError("includes nested more than 16 deep", item.span)
-            if path not in seen:       # a file included twice (a diamond) contributes once
-                seen.add(path)
-                _collect(parse_file(path), defs, stack + [path], seen)
-            continue
-        if item.kind == "model" and len(stack) > 1:
-            continue  # an included file's model is its own example, not ours
-        if item.name in defs:
-            raise SeqcError(f"'{item.name}' is defined twice (first at {defs[item.name].span})", item.span)
-        if item.name in OPS:
-            raise SeqcError(f"'{item.name}' is the name of a built-in layer", item.span)
-        defs[item.name] = item
-
-
-# -- values ---------------------------------------------------------------------
-
-def _to_number(v):
-    if isinstance(v, Fraction):
-        return int(v) if v.denominator == 1 else float(v)
-    return v
-
-
-def _is_num(v) -> bool:
-    return isinstance(v, (int, float, Fraction)) and not isinstance(v, bool)
-
-
-def _arith(op, a, b, span):
-    if not (_is_num(a) and _is_num(b)):
-        raise SeqcError(f"cannot apply '{op}' to {_kind(a)} and {_kind(b)}", span)
-    if isinstance(a, float) or isinstance(b, float):
-        a, b = float(a), float(b)
-    try:
-        if op == "+":
-            r = a + b
-        elif op == "-":
-            r = a - b
-        elif op == "*":
-            r = a * b
-        elif op == "/":
-            r = Fraction(a) / Fraction(b) if not isinstance(a, float) else a / b
-        elif op == "//":
-            r = a // b
-        elif op == "%":
-            r = a % b
-        else:  # **
-            if abs(b) > 64 or (abs(a) > 2 ** 20 and b > 4):
-                raise SeqcError("exponent too large", span)
-            r = Fraction(a) ** b if not isinstance(a, float) and isinstance(b, int) else float(a) ** float(b)
-    except ZeroDivisionError:
-        raise SeqcError("division by zero", span) from None
-    except OverflowError:
-        raise SeqcError("number too large", span) from None
-    if isinstance(r, Fraction) and (abs(r.numerator) > 2 ** 62 or r.denominator > 2 ** 62):
-        raise SeqcError("number too large", span)
-    if isinstance(r, int) and abs(r) > 2 ** 62:
-        raise SeqcError("number too large", span)
-    if isinstance(r, float) and not math.isfinite(r):
-        raise SeqcError("number too large", span)
-    return r
-
-
-def _kind(v) -> str:
-    if isinstance(v, Tensor):
-        return "a tensor"
-    if isinstance(v, bool):
-        return "a boolean"
-    if isinstance(v, Sym):
-        return f"the name '{v}'"
-    if isinstance(v, str):
-        return "a string"
-    if isinstance(v, list):
-        return "a list"
-    return "a number"
-
-
-def _fmt_shape(shape) -> str:
-    return "[" + ", ".join(str(d) for d in shape) + "]"
-
-
-# -- elaboration -----------------------------------------------------------------
 
 class _Scope:
     """Names visible in one definition body: parameters, dims and tensors."""
@@ -208,7 +61,7 @@ class Elaborator:
     def run(self) -> Graph:
         model = self.program.model
         params = self._bind_params(model, self.overrides, model.span, from_python=True)
-        shown = {k: _to_number(v) for k, v in params.items()}
+        shown = {k: to_number(v) for k, v in params.items()}
         self.graph = Graph(model.name, shown)
         scope = _Scope(model, "", params)
         outs = self._body(scope, inputs=None)
@@ -327,11 +180,11 @@ class Elaborator:
             return
         if len(actual.shape) != len(dims):
             raise SeqcError(f"input '{stmt.name}' of block '{scope.definition.name}' expects "
-                            f"{_fmt_shape(dims)}, got {_fmt_shape(actual.shape)}", call_span)
+                            f"{fmt_shape(dims)}, got {fmt_shape(actual.shape)}", call_span)
         for i, (want, got) in enumerate(zip(dims, actual.shape)):
             if sympy.simplify(want - got) != 0:
                 raise SeqcError(f"input '{stmt.name}' of block '{scope.definition.name}': dimension {i} is "
-                                f"{got} but the block expects {want} (shape {_fmt_shape(dims)})", call_span)
+                                f"{got} but the block expects {want} (shape {fmt_shape(dims)})", call_span)
         if actual.dtype != dtype:
             raise SeqcError(f"input '{stmt.name}' of block '{scope.definition.name}' expects {dtype} elements, "
                             f"got {actual.dtype}", call_span)
@@ -436,7 +289,7 @@ class Elaborator:
             raise SeqcError(f"block '{call.func}' returns {len(outs)} values; repeat needs exactly one", call.span)
         if expect == 1 and args and tuple(outs[0].shape) != tuple(args[0].shape):
             raise SeqcError(f"repeat needs a block whose output shape equals its input shape; '{call.func}' maps "
-                            f"{_fmt_shape(args[0].shape)} to {_fmt_shape(outs[0].shape)}", call.span)
+                            f"{fmt_shape(args[0].shape)} to {fmt_shape(outs[0].shape)}", call.span)
         return outs
 
     # -- layers -------------------------------------------------------------------------
@@ -510,7 +363,7 @@ class Elaborator:
                 spec.state(shapes, attrs)
         except ShapeError as e:
             where = tensors[e.arg][1] if e.arg is not None and e.arg < len(tensors) else call.span
-            detail = " with shapes " + ", ".join(_fmt_shape(s) for s in shapes)
+            detail = " with shapes " + ", ".join(fmt_shape(s) for s in shapes)
             raise SeqcError(f"'{spec.name}': {e}{detail}", where) from None
         except TypeError:  # int() of a symbolic dimension inside a shape or weight rule
             symbolic = [(k, i, d) for k, (t, _) in enumerate(tensors) for i, d in enumerate(t.shape)
@@ -518,7 +371,7 @@ class Elaborator:
             if not symbolic:
                 raise
             k, i, d = max(symbolic, key=lambda x: x[1])  # the feature (last) dimension first
-            known = [n for n, v in scope.values.items() if _is_num(v)]
+            known = [n for n, v in scope.values.items() if is_number(v)]
             raise SeqcError(f"'{spec.name}' needs a known size for dimension {i} of its input, but it is the "
                             f"symbol '{d}'{did_you_mean(str(d), known)}", tensors[k][1]) from None
         owns = spec.has_weights or spec.stateful
@@ -556,7 +409,7 @@ class Elaborator:
         for a in spec.attrs:
             if a.name in given:
                 v, sp = given[a.name]
-                attrs[a.name] = _check_attr(spec, a, v, sp)
+                attrs[a.name] = check_attr(spec, a, v, sp)
             elif a.default is REQUIRED:
                 raise SeqcError(f"'{spec.name}' needs argument '{a.name}'" + (f" ({a.doc})" if a.doc else ""), span)
             else:
@@ -566,7 +419,7 @@ class Elaborator:
     # -- expressions ----------------------------------------------------------------
     def _tensor(self, v, span) -> Tensor:
         if not isinstance(v, Tensor):
-            raise SeqcError(f"expected a tensor, found {_kind(v)}", span)
+            raise SeqcError(f"expected a tensor, found {kind_of(v)}", span)
         return v
 
     def _eval(self, e, env, scope, *, enum=False, name=""):
@@ -589,23 +442,23 @@ class Elaborator:
             v = self._eval(e.operand, env, scope)
             if isinstance(v, sympy.Expr):
                 return -v
-            return _arith("-", 0, v, e.span)
+            return arith("-", 0, v, e.span)
         if isinstance(e, ast.BinOp):
             a = self._eval(e.left, env, scope)
             b = self._eval(e.right, env, scope)
             if isinstance(a, Tensor) or isinstance(b, Tensor):
                 return self._tensor_binop(scope, e, a, b, name)
             if isinstance(a, sympy.Expr) or isinstance(b, sympy.Expr):
-                return self._dim_arith(e, a, b)
-            return _arith(e.op, a, b, e.span)
+                return self._dimarith(e, a, b)
+            return arith(e.op, a, b, e.span)
         if isinstance(e, ast.Call):
             if e.func in PARAM_FUNCTIONS and not any(isinstance(self._peek(a, env), Tensor) for a in e.args):
                 if e.kwargs:
                     raise SeqcError(f"'{e.func}' takes no keyword arguments", e.kwargs[0].span)
                 args = [self._eval(a, env, scope) for a in e.args]
                 for a, node in zip(args, e.args):
-                    if not _is_num(a):
-                        raise SeqcError(f"'{e.func}' expects numbers, got {_kind(a)}", node.span)
+                    if not is_number(a):
+                        raise SeqcError(f"'{e.func}' expects numbers, got {kind_of(a)}", node.span)
                 if not args or (e.func in ("ceil", "floor", "int", "round") and len(args) != 1):
                     raise SeqcError(f"'{e.func}' takes {'one argument' if e.func not in ('min', 'max') else 'arguments'}",
                                     e.span)
@@ -628,9 +481,9 @@ class Elaborator:
     def _peek(self, a, env):
         return env.get(a.id) if isinstance(a, ast.Name) else None
 
-    def _dim_arith(self, e, a, b):
+    def _dimarith(self, e, a, b):
         if not all(isinstance(v, (sympy.Expr, int)) and not isinstance(v, bool) for v in (a, b)):
-            raise SeqcError(f"cannot apply '{e.op}' to {_kind(a)} and {_kind(b)}", e.span)
+            raise SeqcError(f"cannot apply '{e.op}' to {kind_of(a)} and {kind_of(b)}", e.span)
         a, b = sympy.sympify(a), sympy.sympify(b)
         ops = {"+": a + b, "-": a - b, "*": a * b}
         if e.op in ops:
@@ -642,7 +495,7 @@ class Elaborator:
     def _tensor_binop(self, scope, e: ast.BinOp, a, b, name):
         ops = {"+": "add", "-": "sub", "*": "mul"}
         if e.op not in ops or not (isinstance(a, Tensor) and isinstance(b, Tensor)):
-            raise SeqcError(f"cannot apply '{e.op}' to {_kind(a)} and {_kind(b)}"
+            raise SeqcError(f"cannot apply '{e.op}' to {kind_of(a)} and {kind_of(b)}"
                             + (" (tensors combine with +, - and *)" if e.op not in ops else ""), e.span)
         spec = OPS[ops[e.op]]
         for t, side in ((a, e.left), (b, e.right)):
@@ -652,66 +505,9 @@ class Elaborator:
         try:
             shapes = spec.shape([a.shape, b.shape], {})
         except ShapeError as err:
-            raise SeqcError(f"'{e.op}': {err}: {_fmt_shape(a.shape)} vs {_fmt_shape(b.shape)}", e.span) from None
+            raise SeqcError(f"'{e.op}': {err}: {fmt_shape(a.shape)} vs {fmt_shape(b.shape)}", e.span) from None
         node = self.graph.add(spec.name, [a.ref, b.ref], {}, shapes, name=name, span=e.span)
         return Tensor(Ref(node.id), tuple(shapes[0]), "float")
-
-
-def _check_attr(spec, a, v, span):
-    where = f"'{spec.name}' argument '{a.name}'"
-    if isinstance(v, Tensor):
-        raise SeqcError(f"{where} must be a {a.type}, not a tensor", span)
-    if isinstance(v, Fraction):
-        v = _to_number(v)
-    if a.type == "int":
-        if isinstance(v, float) and v.is_integer():
-            v = int(v)
-        if not isinstance(v, int) or isinstance(v, bool):
-            raise SeqcError(f"{where} must be an integer, got {_show(v)}", span)
-    elif a.type == "float":
-        if not _is_num(v):
-            raise SeqcError(f"{where} must be a number, got {_show(v)}", span)
-        v = float(v)
-    elif a.type == "bool":
-        if not isinstance(v, bool):
-            raise SeqcError(f"{where} must be true or false, got {_show(v)}", span)
-    elif a.type == "enum":
-        if not isinstance(v, str):
-            raise SeqcError(f"{where} must be one of {', '.join(a.choices)}, got {_show(v)}", span)
-        canon = {c.replace("-", "_"): c for c in a.choices}
-        key = v.replace("-", "_")
-        if key not in canon:
-            raise SeqcError(f"{where}: unknown value '{v}'{did_you_mean(v, a.choices)}; "
-                            f"expected one of {', '.join(a.choices)}", span)
-        return canon[key]
-    elif a.type == "sizes":
-        if isinstance(v, list):
-            if not v or not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in v):
-                raise SeqcError(f"{where} must be a list of positive integers", span)
-            return [int(x) for x in v]
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise SeqcError(f"{where} must be a positive integer or a list of them, got {_show(v)}", span)
-        return v
-    if a.type == "int" and a.max is None and v > MAX_ATTR_INT:
-        raise SeqcError(f"{where} is too large ({v}; at most {MAX_ATTR_INT})", span)
-    if a.type in ("int", "float"):
-        if a.positive and v <= 0:
-            raise SeqcError(f"{where} must be positive, got {_show(v)}", span)
-        if a.min is not None and v < a.min:
-            raise SeqcError(f"{where} must be at least {a.min}, got {_show(v)}", span)
-        if a.max is not None and v > a.max:
-            raise SeqcError(f"{where} must be at most {a.max}, got {_show(v)}", span)
-    return v
-
-
-def _show(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, Sym):
-        return f"'{v}'"
-    if isinstance(v, str):
-        return f'"{v}"'
-    return str(v)
 
 
 def build_graph(spec, params: dict | None = None) -> Graph:
