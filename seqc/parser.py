@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import re
+import threading
 from importlib import resources
 from pathlib import Path
 
@@ -78,14 +79,20 @@ class _Located(Exception):
         self.message, self.tok = message, tok
 
 
-_POSTLEX = _Newlines()
+_LOCAL = threading.local()   # one parser (and post-lexer, which keeps its bracket stack) per thread
 
 
 @functools.lru_cache(maxsize=None)
+def _grammar() -> str:
+    return resources.files("seqc.grammar").joinpath("seq.lark").read_text()
+
+
 def _parser() -> lark.Lark:
-    text = resources.files("seqc.grammar").joinpath("seq.lark").read_text()
-    return lark.Lark(text, parser="lalr", lexer="basic", propagate_positions=True, postlex=_POSTLEX,
-                     maybe_placeholders=True)
+    if not hasattr(_LOCAL, "parser"):
+        _LOCAL.postlex = _Newlines()
+        _LOCAL.parser = lark.Lark(_grammar(), parser="lalr", lexer="basic", propagate_positions=True,
+                                  postlex=_LOCAL.postlex, maybe_placeholders=True)
+    return _LOCAL.parser
 
 
 def _span(file, meta) -> Span:
@@ -295,7 +302,7 @@ _RESERVED = re.compile(r"[A-Za-z_]\w*\Z")
 
 def _unclosed(tok) -> str:
     """' (the '(' at 3:12 is never closed)' when the error comes after an open bracket's line."""
-    opened = _POSTLEX.open
+    opened = _LOCAL.postlex.open
     if not opened:
         return ""
     first = opened[-1]

@@ -173,3 +173,13 @@ def test_lstm_rows_of_length_zero_keep_their_state(rng):
     assert_agree(y, yt, 1e-10)
     for k in ("h", "c"):
         assert_agree(s["lstm"][k], st["lstm"][k], 1e-10)
+
+
+def test_numpy_empty_chunk_matches_torch(rng):
+    params = {"n_layers": 1, "d_model": 16, "n_heads": 2}
+    ref = seqc.compile(example("hybrid.seq"), backend="numpy", params=params)
+    tokens = rng.integers(0, 256, (2, 6))
+    _, s = ref(tokens[:, :4], ref.weights, return_state=True)
+    y0, s0 = ref(tokens[:, :0], ref.weights, state=s, return_state=True)
+    assert y0.shape == (2, 0, 256)
+    assert_agree(ref(tokens[:, 4:], ref.weights, state=s), ref(tokens[:, 4:], ref.weights, state=s0), 0.0)

@@ -88,6 +88,11 @@ class NumpyModel:
             weights, xs = xs[-1], xs[:-1]
         xs = self._inputs(xs)
         weights = self._check(weights)
+        if xs[0].ndim >= 2 and xs[0].shape[1] == 0:     # an empty chunk: no outputs, the state unchanged
+            outs = [np.zeros((xs[0].shape[0], 0, int(self.graph.shape_of(r)[-1]))) for r in self.graph.outputs]
+            out = outs[0] if len(outs) == 1 else tuple(outs)
+            return (out, state if state is not None else self._init_state(xs[0].shape[0], weights)) \
+                if return_state else out
         if lengths is not None:
             return self._ragged(xs, weights, state, return_state, lengths)
         return self._forward(*xs, weights, state=state, return_state=return_state)
