@@ -30,12 +30,14 @@ def plan_graph(spec, backend="torch", params=None, mode="auto", *, length=1024, 
 
 
 def compile(spec, backend: str = "torch", params: dict | None = None, mode: str = "auto", *, seed: int = 0,
-            length: int = 1024, batch: int = 1, training: bool = False, pipeline: Pipeline | None = None):
+            length: int | None = None, batch: int = 1, training: bool = False, pipeline: Pipeline | None = None):
     """Compile a .seq spec (path or source) for a backend (CONTRACT: seqc.compile).
 
     ``mode`` forces one plan on every layer where it is legal ("conv" only
-    applies to time-invariant layers); ``length``/``batch`` are the shapes the
-    planner optimises for, ``training=True`` plans for forward+backward.
+    applies to time-invariant layers).  With ``length=None`` (the default) a layer
+    whose best plan depends on the sequence length picks it on every call from
+    the actual shapes; given ``length``/``batch``, the planner fixes the plans for
+    those shapes.  ``training=True`` plans for forward+backward.
     Weights are the seeded default initialisation.
     """
     graph = plan_graph(spec, backend, params, mode, length=length, batch=batch, training=training,

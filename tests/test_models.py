@@ -159,3 +159,26 @@ def test_numpy_lengths_equal_each_sequence_alone_and_match_torch(rng):
             assert_agree(state[key][k], st[key][k], 1e-10, f"state {key}.{k}")
     with pytest.raises(seqc.SeqcError, match="lengths"):
         ref(x, ref.weights, lengths=np.array([10, 1, 1]))
+
+
+def test_auto_plan_is_chosen_per_call_from_the_shapes(rng):
+    from seqc.passes import PlanContext
+    from seqc.passes.planner import choose
+    params = {"d_model": 8, "d_state": 8}
+    ref = seqc.compile(example("s4d.seq"), backend="numpy", params=params)
+    tm = seqc.compile(example("s4d.seq"), params=params).double().load_numpy(ref.weights)
+    ssm = tm.get_submodule("ssm")
+    assert ssm.plan == "auto"
+    node = next(n for n in tm.graph.order() if n.op == "ssm")
+    seen = set()
+    for length in (8, 4096):
+        x = rng.standard_normal((1, length, 8))
+        with torch.no_grad():
+            y = tm(torch.as_tensor(x))
+        want = choose(node, PlanContext(batch=1, length=length, training=False))[1].plan
+        assert ssm.last_plan == want
+        seen.add(ssm.last_plan)
+        assert_agree(ref(x, ref.weights), y, 1e-10, f"auto plan at L={length}")
+    assert len(seen) == 2, "the cost model should pick different faces for 8 and 4096 tokens"
+    # a length given at compile time fixes the plan
+    assert seqc.compile(example("s4d.seq"), params=params, length=8).get_submodule("ssm").plan != "auto"

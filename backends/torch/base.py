@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from seqc.discretization import discretizer
 from seqc.errors import SeqcError
 from seqc.registry import OPS, REQUIRED
 
@@ -143,3 +144,9 @@ class Recurrent(Layer):
         return y[:, 0], new_state
 
 
+@torch.compiler.disable
+def discretized(structure: str, method: str):
+    """The torch function generated from the sympy derivation, looked up on every
+    call (so a changed derivation takes effect) but outside torch.compile's
+    tracing: dynamo must not trace into sympy."""
+    return discretizer(structure, method, "torch")

@@ -10,11 +10,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from seqc.discretization import discretizer
 from seqc.errors import SeqcError
 
-from .base import Recurrent, accumulator_dtype, at_positions, check_lengths, from_zero, no_autocast, \
-    output_dtype, right_align, work_dtype
+from .base import (Recurrent, accumulator_dtype, at_positions, check_lengths, discretized, from_zero,
+                   no_autocast, output_dtype, right_align, work_dtype)
 
 SMALL_STATE = 8192      # linear_scan: states with fewer elements per step are scanned in chunks
 
@@ -93,7 +92,7 @@ def _complex(pairs):
 def _diag_system(p, disc):
     """S4D: H channels of N/2 complex modes, Bbar = disc(B = 1), C absorbs B."""
     A = torch.complex(-torch.exp(p["log_A_real"]), p["A_imag"])
-    dA, dB = discretizer("diag", disc, "torch")(A, torch.ones_like(A), torch.exp(p["log_dt"])[:, None])
+    dA, dB = discretized("diag", disc)(A, torch.ones_like(A), torch.exp(p["log_dt"])[:, None])
     return LinearSystem(dA, "diag", dB, _complex(p["C"]), complex=True)
 
 
@@ -101,14 +100,14 @@ def _dense_system(p, disc):
     """One dense A (N, N) for all channels, per-channel B_h, C_h, dt_h (Bbar_h = Bbar(I) B_h)."""
     n = p["A"].shape[0]
     eye = torch.eye(n, dtype=p["A"].dtype, device=p["A"].device)
-    Abar, gain = discretizer("dense", disc, "torch")(p["A"], eye, torch.exp(p["log_dt"]))
+    Abar, gain = discretized("dense", disc)(p["A"], eye, torch.exp(p["log_dt"]))
     return LinearSystem(Abar, "matrix", torch.einsum("hnm,hm->hn", gain, p["B"]), p["C"])
 
 
 def _s5_system(p, disc):
     """MIMO S5: one state of N/2 complex modes shared by the H channels."""
     lam = torch.complex(p["Lambda_re"], p["Lambda_im"])
-    Lbar, gain = discretizer("diag", disc, "torch")(lam, torch.ones_like(lam), torch.exp(p["log_step"]))
+    Lbar, gain = discretized("diag", disc)(lam, torch.ones_like(lam), torch.exp(p["log_step"]))
     return LinearSystem(Lbar, "diag", gain[:, None] * _complex(p["B"]), _complex(p["C"]), mimo=True, complex=True)
 
 
@@ -247,6 +246,8 @@ class SSM(Recurrent):
         if kind in ("diag", "s5") and self.attrs["d_state"] % 2:
             raise SeqcError(f"d_state must be even for kind={kind} (conjugate pairs), got {self.attrs['d_state']}")
         self.plan = self.attrs["plan"] if self.attrs["plan"] in ("conv", "recurrent") else "scan"
+        self.plan_for = None      # set when the plan is chosen per call ("auto")
+        self.last_plan = None
 
     def state_dtype(self, dtype):
         return accumulator_dtype(dtype)
@@ -271,7 +272,11 @@ class SSM(Recurrent):
             system = self.system(work)
             uw = u.to(work)
             x0 = None if state is None else system.unpack(state["x"].to(work))
-            run = {"conv": self._conv, "recurrent": self._recurrent}.get(self.plan, self._scan)
+            plan = self.plan
+            if plan == "auto":
+                plan = self.plan_for(u.shape[0], u.shape[1], torch.is_grad_enabled() and self.D.requires_grad)
+            self.last_plan = plan
+            run = {"conv": self._conv, "recurrent": self._recurrent}.get(plan, self._scan)
             y, x = run(system, uw, x0, lengths, return_state)
             y = (y + self.D.to(work) * uw).to(output_dtype(u.dtype, work))
         return (y, {"x": system.pack(x)}) if return_state else y

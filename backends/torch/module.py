@@ -98,6 +98,22 @@ class SeqcModule(nn.Module):
         return self
 
 
+def _shape_planner(node, graph):
+    """plan_for(batch, length, training) -> the cost model's plan for those shapes."""
+    from seqc.passes.manager import PlanContext
+    from seqc.passes.planner import plan_for_shapes
+    ctx = PlanContext(length=None, backend="torch")
+    cache = {}
+
+    @torch.compiler.disable       # plain Python arithmetic; torch.compile guards on the shapes instead
+    def plan_for(batch, length, training):
+        key = (batch, length, training)
+        if key not in cache:
+            cache[key] = plan_for_shapes(node, ctx, batch, length, training)
+        return cache[key]
+    return plan_for
+
+
 def _build_tree(root: nn.Module, graph) -> None:
     layers = {}
     for n in graph.layers():
@@ -107,6 +123,8 @@ def _build_tree(root: nn.Module, graph) -> None:
         plan = n.meta.get("plan")
         if plan is not None:
             mod.plan = plan
+        if plan == "auto":
+            mod.plan_for = _shape_planner(n, graph)
         mod.out_features = int(n.shape[-1])
         layers[n.name] = mod
     paths = set()

@@ -38,8 +38,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from seqc.discretization import discretizer
 from seqc.errors import SeqcError
+
+from .base import discretized
 
 DISCRETIZATIONS = ("mamba", "zoh", "bilinear")
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -59,7 +60,7 @@ def _prep_delta(delta, delta_bias, delta_softplus):
 def _discretize(delta, A, B, disc):
     """delta (..., D), A (D, N), B (..., N) -> (dA, dB), each (..., D, N), by the
     sympy-derived diagonal discretization (seqc.discretization) with B = 1."""
-    dA, gain = discretizer("diag", disc, "torch")(A, 1.0, delta.unsqueeze(-1))
+    dA, gain = discretized("diag", disc)(A, 1.0, delta.unsqueeze(-1))
     return dA, gain * B.unsqueeze(-2)
 
 

@@ -35,7 +35,7 @@ class PlanContext:
     """What the planner knows about the run: shapes, backend, training, device."""
 
     batch: int = 1
-    length: int = 1024
+    length: int | None = 1024   # None: unknown until run time (plans may stay "auto")
     backend: str = "torch"
     training: bool = False
     dtype: str = "float32"

@@ -20,7 +20,7 @@ FLOPs and bytes are reported alongside for information.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..errors import SeqcError
 from .manager import compiler_pass
@@ -138,13 +138,31 @@ def choose(node, ctx):
 
 @compiler_pass("plan")
 def plan(g, ctx):
-    """Choose an execution plan for every sequence layer from the cost model."""
+    """Choose an execution plan for every sequence layer from the cost model.
+
+    With ``ctx.length`` None (shapes unknown until run time), a layer whose
+    best plan depends on the length keeps ``plan=auto``: the backend asks
+    ``plan_for_shapes`` on each call."""
     for n in g.order():
-        if n.op in ("ssm", "selective_ssm", "lstm", "attention"):
-            _, best, reason = choose(n, ctx)
-            n.meta["plan"] = best.plan
-            n.meta["plan_reason"] = reason
+        if n.op not in ("ssm", "selective_ssm", "lstm", "attention"):
+            continue
+        if ctx.length is None:
+            guesses = {choose(n, replace(ctx, length=L))[1].plan for L in (16, 1024, 65536)}
+            if len(guesses) > 1:
+                n.meta["plan"], n.meta["plan_reason"] = "auto", "chosen per call from the input's shape"
+                continue
+            ctx_n = replace(ctx, length=1024)
+        else:
+            ctx_n = ctx
+        _, best, reason = choose(n, ctx_n)
+        n.meta["plan"] = best.plan
+        n.meta["plan_reason"] = reason
     return g
+
+
+def plan_for_shapes(node, ctx, batch: int, length: int, training: bool) -> str:
+    """The plan the cost model picks for one call's shapes."""
+    return choose(node, replace(ctx, batch=batch, length=length, training=training))[1].plan
 
 
 def explain(g, ctx) -> str:
