@@ -114,9 +114,8 @@ class Elaborator:
                 value = self._const(expr, {})
             except SeqcError as e:
                 raise SeqcError(f"bad value {value!r} for parameter '{p.name}': {e.message}", p.span) from None
-        if isinstance(value, bool) or not isinstance(value, (int, float, str, Fraction)):
-            if not isinstance(value, bool):
-                raise SeqcError(f"bad value {value!r} for parameter '{p.name}'", p.span)
+        if not isinstance(value, (bool, int, float, str, Fraction)):
+            raise SeqcError(f"bad value {value!r} for parameter '{p.name}'", p.span)
         if isinstance(value, float) and not math.isfinite(value):
             raise SeqcError(f"bad value {value!r} for parameter '{p.name}'", p.span)
         if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 2 ** 62:
@@ -364,7 +363,7 @@ class Elaborator:
         except ShapeError as e:
             where = tensors[e.arg][1] if e.arg is not None and e.arg < len(tensors) else call.span
             detail = " with shapes " + ", ".join(fmt_shape(s) for s in shapes)
-            raise SeqcError(f"'{spec.name}': {e}{detail}", where) from None
+            raise SeqcError(f"'{spec.name}': {e.message}{detail}", where) from None
         except TypeError:  # int() of a symbolic dimension inside a shape or weight rule
             symbolic = [(k, i, d) for k, (t, _) in enumerate(tensors) for i, d in enumerate(t.shape)
                         if isinstance(d, sympy.Expr) and d.free_symbols]
@@ -505,7 +504,8 @@ class Elaborator:
         try:
             shapes = spec.shape([a.shape, b.shape], {})
         except ShapeError as err:
-            raise SeqcError(f"'{e.op}': {err}: {fmt_shape(a.shape)} vs {fmt_shape(b.shape)}", e.span) from None
+            raise SeqcError(f"'{e.op}': {err.message}: {fmt_shape(a.shape)} vs {fmt_shape(b.shape)}",
+                            e.span) from None
         node = self.graph.add(spec.name, [a.ref, b.ref], {}, shapes, name=name, span=e.span)
         return Tensor(Ref(node.id), tuple(shapes[0]), "float")
 

@@ -29,9 +29,10 @@ def _positive(name, v):
     return v
 
 
-def _plan(args, instruments=None, pipeline=None):
+def _plan(args, instruments=None, pipeline=None, graph=None):
+    """Run the pipeline on the spec (or on `graph`, its already elaborated IR)."""
     from .compiler import plan_graph
-    return plan_graph(args.file, args.backend, _params(args.param), args.mode,
+    return plan_graph(graph if graph is not None else args.file, args.backend, _params(args.param), args.mode,
                       length=_positive("length", args.length), batch=_positive("batch", args.batch),
                       training=args.training, pipeline=pipeline, instruments=instruments)
 
@@ -54,10 +55,12 @@ def cmd_passes(args) -> int:
         for i, name in enumerate(pipeline.names):
             print(f"  {i:2d}. {name:<22} {PASSES[name].doc}")
         return 0
+    graph = None
     if args.print_after_all:
         from .analysis import build_graph
-        sys.stdout.write("// ----- IR after elaboration -----\n" + build_graph(args.file, _params(args.param)).dump())
-    _plan(args, ins, pipeline)
+        graph = build_graph(args.file, _params(args.param))
+        sys.stdout.write("// ----- IR after elaboration -----\n" + graph.dump())
+    _plan(args, ins, pipeline, graph)
     return 0
 
 

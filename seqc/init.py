@@ -32,7 +32,7 @@ import numpy as np
 
 from .errors import SeqcError
 from .ir import join
-from .registry import OPS, REQUIRED
+from .registry import OPS
 
 # -- structured initialisers ------------------------------------------------------
 
@@ -230,7 +230,7 @@ INITIALISERS = {
 def init_layer(op: str, shapes: dict, attrs: dict, rng: np.random.Generator) -> dict[str, np.ndarray]:
     """The initial weights of one layer, given its weight shapes and attributes."""
     spec = OPS[op]
-    full = {**{x.name: x.default for x in spec.attrs if x.default is not REQUIRED}, **attrs}
+    full = {**spec.defaults, **attrs}
     drawn = INITIALISERS[op](shapes, full, rng)
     out = {}
     for k, s in shapes.items():

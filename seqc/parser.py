@@ -242,8 +242,7 @@ def _check_text(source, filename) -> str:
 
 def parse(source, filename: str = "<string>") -> ast.Module:
     """Parse the text of one .seq file into an ``ast.Module``."""
-    source = _check_text(source, filename)
-    remember_source(filename, source)
+    source = _check_text(source, filename)     # also remembers it, for error carets
     parser = _parser()
     import sys
     if sys.getrecursionlimit() < 20000:

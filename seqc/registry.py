@@ -12,11 +12,14 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from .errors import SeqcError
+
 REQUIRED = object()
 
 
-class ShapeError(Exception):
-    """Raised by a shape rule; `arg` is the index of the offending input (or None)."""
+class ShapeError(SeqcError):
+    """Raised by a shape rule (a user's mistake; the elaborator adds the location);
+    `arg` is the index of the offending input (or None)."""
 
     def __init__(self, message: str, arg: int | None = None):
         super().__init__(message)
@@ -50,6 +53,11 @@ class OpSpec:
     time_invariant: bool = False               # a convolution face exists
     int_input: bool = False                    # first input holds integer tokens
     doc: str = ""
+
+    @property
+    def defaults(self) -> dict:
+        """Every attribute that has a default, with it."""
+        return {a.name: a.default for a in self.attrs if a.default is not REQUIRED}
 
     def attr(self, name: str) -> Attr | None:
         return next((a for a in self.attrs if a.name == name), None)
@@ -168,16 +176,22 @@ op(OpSpec("embedding", ("tokens",), (Attr("vocab", "int", positive=True), Attr("
           weights=lambda s, a: {"weight": (a["vocab"], a["dim"])}, int_input=True, kind="structural"))
 
 
-def _split_shape(s, a):
-    d = _last(s[0])
-    sizes = a["sizes"]
+def split_sizes(features: int, sizes) -> list[int]:
+    """`sizes` (a number of equal parts or a list of sizes) as a list adding up to `features`;
+    shared by the shape rule and every backend's split."""
+    features = int(features)
     if isinstance(sizes, int):
-        if int(d) % sizes:
-            raise ShapeError(f"cannot split {d} features into {sizes} equal parts", 0)
-        sizes = [int(d) // sizes] * sizes
-    if sum(sizes) != int(d):
-        raise ShapeError(f"split sizes {list(sizes)} add up to {sum(sizes)}, but the input has {d} features", 0)
-    return [tuple(s[0][:-1]) + (k,) for k in sizes]
+        if sizes <= 0 or features % sizes:
+            raise ShapeError(f"cannot split {features} features into {sizes} equal parts", 0)
+        sizes = [features // sizes] * sizes
+    sizes = [int(k) for k in sizes]
+    if sum(sizes) != features:
+        raise ShapeError(f"split sizes {sizes} add up to {sum(sizes)}, but the input has {features} features", 0)
+    return sizes
+
+
+def _split_shape(s, a):
+    return [tuple(s[0][:-1]) + (k,) for k in split_sizes(_last(s[0]), a["sizes"])]
 
 
 op(OpSpec("split", ("x",), (Attr("sizes", "sizes", doc="a number of equal parts or a list of sizes"),),

@@ -43,7 +43,7 @@ import numpy as np
 
 from seqc.discretization import discretizer
 from seqc.errors import SeqcError
-from seqc.registry import OPS, REQUIRED
+from seqc.registry import OPS, split_sizes
 
 # -- helpers --------------------------------------------------------------------
 
@@ -54,7 +54,7 @@ def _f64(x):
 
 def _with_defaults(op_name: str):
     """Fill attributes the caller left out with the registry's defaults."""
-    defaults = {a.name: a.default for a in OPS[op_name].attrs if a.default is not REQUIRED}
+    defaults = OPS[op_name].defaults
 
     def wrap(fn):
         @functools.wraps(fn)
@@ -157,14 +157,7 @@ def mul(a, b, *, p=None, **_):
 def split(x, *, sizes, p=None, **_):
     """Split the last dimension: `sizes` is a number of equal parts or a list of sizes."""
     x = _f64(x)
-    d = x.shape[-1]
-    if isinstance(sizes, int):
-        if sizes <= 0 or d % sizes:
-            raise SeqcError(f"cannot split {d} features into {sizes} equal parts")
-        sizes = [d // sizes] * sizes
-    if sum(sizes) != d:
-        raise SeqcError(f"split sizes {list(sizes)} add up to {sum(sizes)}, but the input has {d} features")
-    return tuple(np.split(x, np.cumsum(sizes)[:-1], axis=-1))
+    return tuple(np.split(x, np.cumsum(split_sizes(x.shape[-1], sizes))[:-1], axis=-1))
 
 
 def concat(*xs, p=None, **_):

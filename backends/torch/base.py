@@ -8,7 +8,7 @@ from torch import nn
 
 from seqc.discretization import discretizer
 from seqc.errors import SeqcError
-from seqc.registry import OPS, REQUIRED
+from seqc.registry import OPS
 
 HALF = (torch.float16, torch.bfloat16)
 
@@ -18,8 +18,7 @@ HALF = (torch.float16, torch.bfloat16)
 def with_defaults(op: str, attrs: dict) -> dict:
     """The node's attributes completed with the registry's defaults."""
     spec = OPS[op]
-    out = {a.name: a.default for a in spec.attrs if a.default is not REQUIRED}
-    out.update(attrs)
+    out = {**spec.defaults, **attrs}
     missing = [a.name for a in spec.attrs if a.name not in out]
     if missing:
         raise SeqcError(f"{op}: missing attribute {', '.join(missing)}")

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from seqc.errors import SeqcError
+from seqc.registry import split_sizes
 
 ACTIVATIONS = {
     "identity": lambda x: x,
@@ -60,18 +61,6 @@ def mul(a, b, **_):
 def dropout(x, p: float = 0.0, training: bool = False, **_):
     """torch dropout; identity unless `training` (the reference backend runs at inference)."""
     return F.dropout(x, p=p, training=training)
-
-
-def split_sizes(features: int, sizes) -> list[int]:
-    """`sizes` (a number of equal parts or a list of sizes) as a list adding up to `features`."""
-    if isinstance(sizes, int):
-        if sizes <= 0 or features % sizes:
-            raise SeqcError(f"cannot split {features} features into {sizes} equal parts")
-        sizes = [features // sizes] * sizes
-    sizes = [int(s) for s in sizes]
-    if sum(sizes) != features:
-        raise SeqcError(f"split sizes {sizes} add up to {sum(sizes)}, but the input has {features} features")
-    return sizes
 
 
 def split(x, sizes, **_):
