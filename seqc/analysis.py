@@ -413,6 +413,13 @@ class Elaborator:
                 raise SeqcError(f"'{spec.name}' needs argument '{a.name}'" + (f" ({a.doc})" if a.doc else ""), span)
             else:
                 attrs[a.name] = a.default
+        if spec.validate is not None:
+            try:
+                spec.validate(attrs)
+            except ShapeError as e:       # point at an attribute the check names, if the spec gave one
+                named = e.attr if isinstance(e.attr, tuple) else (e.attr,)
+                where = next((given[k][1] for k in named if k in given), span)
+                raise SeqcError(f"'{spec.name}': {e.message}", where) from None
         return attrs
 
     # -- expressions ----------------------------------------------------------------

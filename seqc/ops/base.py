@@ -23,11 +23,13 @@ REQUIRED = object()
 
 class ShapeError(SeqcError):
     """Raised by a shape rule or an attribute check (a user's mistake; the elaborator
-    adds the location); `arg` is the index of the offending input (or None)."""
+    adds the location); `arg` is the index of the offending input, `attr` the name (or
+    names, most likely culprit first) of the offending attribute(s), or None."""
 
-    def __init__(self, message: str, arg: int | None = None):
+    def __init__(self, message: str, arg: int | None = None, attr: str | tuple[str, ...] | None = None):
         super().__init__(message)
         self.arg = arg
+        self.attr = attr
 
 
 @dataclass(frozen=True)
@@ -247,7 +249,7 @@ def check_dt_range(attrs: dict) -> None:
     """dt_min <= dt_max (the initialisers draw dt between them)."""
     lo, hi = attrs.get("dt_min"), attrs.get("dt_max")
     if lo is not None and hi is not None and lo > hi:
-        raise ShapeError(f"dt_min ({lo:g}) must not exceed dt_max ({hi:g})")
+        raise ShapeError(f"dt_min ({lo:g}) must not exceed dt_max ({hi:g})", attr=("dt_max", "dt_min"))
 
 
 def itemsize(ctx) -> int:
