@@ -105,7 +105,7 @@ def selective_ssm(u, delta, B, C, z=None, *, p, state=None, plan=None, discretiz
     x = (selective_ssm_init_state(u.shape[0], p, **attrs) if state is None else state)["x"]
     dA, g = discretize(A, np.ones_like(A), delta[..., None])           # (B, L, D, N): dB = g * B_t
     dBu = g * B[:, :, None, :] * u[..., None]
-    y, x = _PLAN_FNS[plan](dA, dBu, C, f64(x))
+    y, x = (_PLAN_FNS[plan] if u.shape[1] else _recurrence)(dA, dBu, C, f64(x))
     y = y + p["D"] * u
     if z is not None:
         y = y * ACTIVATIONS["silu"](f64(z))

@@ -345,7 +345,8 @@ def ssm(u, *, p, state=None, plan=None, discretize=None, kind, disc, **attrs):
     if discretize is None and structure(kind) is not None:
         discretize = discretizer(structure(kind), disc, "numpy")
     sys = _SYSTEMS[kind](p, discretize)
-    y, x = _PLAN_FNS[plan](sys, u, sys.to_state(f64(state["x"])))
+    run = _PLAN_FNS[plan] if u.shape[1] else _recurrence         # an empty sequence: nothing to convolve
+    y, x = run(sys, u, sys.to_state(f64(state["x"])))
     return y + p["D"] * u, {"x": sys.from_state(x)}
 
 
