@@ -373,7 +373,7 @@ class Elaborator:
             known = [n for n, v in scope.values.items() if is_number(v)]
             raise SeqcError(f"'{spec.name}' needs a known size for dimension {i} of its input, but it is the "
                             f"symbol '{d}'{did_you_mean(str(d), known)}", tensors[k][1]) from None
-        owns = spec.has_weights or spec.stateful
+        owns = spec.is_layer
         if owns:
             if module is None:
                 module = self._auto_name(scope, spec.name)

@@ -109,3 +109,27 @@ def test_readme_example_runs(capsys):
         for table in (OPS, LAYERS, FUNCTIONS):
             table.pop("scale", None)
             table.pop("cube", None)
+
+
+def test_every_op_has_a_reference_and_a_torch_implementation():
+    from seqc.backends.torch import layers
+    assert layers.LAYERS is LAYERS
+    assert set(LAYERS) == {n for n, s in OPS.items() if s.is_layer}
+    assert set(FUNCTIONS) == {n for n, s in OPS.items() if not s.is_layer}
+    for name, spec in OPS.items():
+        assert spec.reference is not None, name
+        assert (spec.init is not None) == spec.has_weights, name
+        if spec.stateful:
+            assert spec.reference_step is not None and spec.reference_init_state is not None, name
+
+
+def test_layer_configure_takes_the_compilers_decisions():
+    from types import SimpleNamespace
+    compiled = object()
+    disc = SimpleNamespace(compile=lambda target: compiled if target == "torch" else None)
+    layer = LAYERS["selective_ssm"]([4, 4, 2, 2], {"d_state": 2})
+    layer.configure(SimpleNamespace(plan="recurrent", plan_table={"x": 1}, region="f0", disc=disc))
+    assert (layer.plan, layer.plan_table, layer.region, layer.discretize_fn) == ("recurrent", {"x": 1}, "f0", compiled)
+    lin = LAYERS["linear"]([3], {"out": 2})
+    lin.configure(SimpleNamespace(plan=None, node=1))           # a call without these fields leaves defaults
+    assert lin.plan_table is None and not hasattr(lin, "discretize_fn")
