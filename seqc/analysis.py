@@ -16,7 +16,7 @@ import sympy
 from . import ast
 from .errors import SeqcError, Span, did_you_mean
 from .ir import Graph, Ref, join
-from .loader import Program, load
+from .loader import Program, as_spec, load
 from .parser import parse
 from .registry import OPS, PARAM_FUNCTIONS, REQUIRED, ShapeError
 from .values import Sym, Tensor, arith, check_attr, fmt_shape, is_number, kind_of, to_number
@@ -510,7 +510,24 @@ class Elaborator:
         return Tensor(Ref(node.id), tuple(shapes[0]), "float")
 
 
-def build_graph(spec, params: dict | None = None) -> Graph:
-    """Elaborate `spec` (path or source text) with parameter overrides into the IR."""
-    program = load(spec)
+def build_graph(spec=None, params: dict | None = None, *, path=None, source=None, include_paths=None,
+                allow_any_include=None) -> Graph:
+    """Elaborate a spec with parameter overrides into the IR.
+
+    The spec is `spec` (a ``pathlib.Path`` or ``seqc.Spec`` names a file; a str
+    follows the rule of ``seqc.loader``), or explicitly ``path=`` (a file) or
+    ``source=`` (its text).  ``include_paths`` are extra directories that
+    ``include`` may resolve against; ``allow_any_include=True`` lifts the
+    include roots.  ``params`` maps top-level parameter names to values."""
+    if params is not None and not isinstance(params, dict):
+        raise SeqcError(f"params must be a dict of parameter names to values, not {type(params).__name__}")
+    for k in params or {}:
+        if not isinstance(k, str):
+            raise SeqcError(f"params keys must be parameter names (str), got {k!r}")
+    how = {k: v for k, v in (("include_paths", include_paths), ("allow_any_include", allow_any_include))
+           if v is not None}
+    if isinstance(spec, ast.Module) and path is None and source is None:
+        program = load(spec, **how)
+    else:
+        program = load(as_spec(spec, path=path, source=source, **how))
     return Elaborator(program, params).run()
