@@ -1,7 +1,9 @@
 """seqc: a compiler for sequence models (SSMs, selective SSMs, LSTMs, attention).
 
-Public API (see CONTRACT.md): ``parse``, ``build_graph``, ``compile``,
-``discretize``, ``difftest``, ``interop`` and the one error type ``SeqcError``.
+Public API: ``parse``, ``build_graph``, ``compile``, ``discretize``,
+``difftest``, ``interop``, ``Spec`` (a spec named explicitly as a file or as
+source text, with include search paths), the one error type ``SeqcError`` and
+``SeqcWarning``.
 """
 from __future__ import annotations
 
@@ -14,10 +16,11 @@ if _os.path.isdir(_os.path.join(_root, "backends")) and _os.path.isdir(_os.path.
         and not _os.path.isdir(_os.path.join(_os.path.dirname(__file__), "backends")):
     __path__.append(_root)  # type: ignore[name-defined]
 
-from .errors import SeqcError  # noqa: E402
+from .errors import SeqcError, SeqcWarning  # noqa: E402
 from .parser import parse  # noqa: E402
+from .loader import Spec  # noqa: E402
 
-__all__ = ["SeqcError", "parse"]
+__all__ = ["SeqcError", "SeqcWarning", "Spec", "parse"]
 __version__ = "0.1.0"
 
 from .analysis import build_graph  # noqa: E402

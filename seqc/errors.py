@@ -112,6 +112,19 @@ class SeqcError(Exception):
         return "\n".join(out)
 
 
+class SeqcWarning(UserWarning):
+    """A located warning about a spec that compiles but is probably not what was meant.
+    ``str()`` reads ``FILE:LINE:COL: warning: MESSAGE``."""
+
+    def __init__(self, message: str, span: Span | None = None):
+        self.message, self.span = message, span
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        where = str(self.span) if self.span is not None else "seqc"
+        return f"{where}: warning: {self.message}"
+
+
 def did_you_mean(word: str, choices) -> str:
     """' (did you mean 'x'?)' for the closest choice, or ''."""
     import difflib
