@@ -97,13 +97,14 @@ def physical_memory() -> int | None:
         return None
 
 
-def check_fits(est: Estimate, max_bytes: int | None = None, flag: str = "--max-memory") -> None:
+def check_fits(est: Estimate, max_bytes: int | None = None, flag: str | None = "--max-memory") -> None:
     """Refuse (SeqcError) an estimate above the limit or above the machine's memory."""
     most = limit("SEQC_MAX_MEMORY") if max_bytes is None else max_bytes
     if est.total > most:
         raise SeqcError(f"this run needs about {human(est.total)} (weights {human(est.weights)}, activations "
                         f"{human(est.activations)} at batch {est.batch}, length {est.length}), more than the limit "
-                        f"of {human(most)}; raise it with {flag} BYTES or SEQC_MAX_MEMORY, or use smaller sizes")
+                        f"of {human(most)}; raise it with {flag + ' BYTES or ' if flag else ''}SEQC_MAX_MEMORY, or use "
+                        f"smaller sizes")
     phys = physical_memory()
     if phys is not None and est.total > phys:
         raise SeqcError(f"this run needs about {human(est.total)}, more than this machine's memory "
