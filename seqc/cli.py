@@ -65,10 +65,12 @@ def _refuse_overwrite(args, out, flag):
 
 
 def cmd_check(args) -> int:
+    from .memory import estimate
     g = _graph(args)
     n_weights = sum(1 for _ in g.weight_shapes())
     print(f"{args.file}: ok: model {g.name}, {len(g.nodes)} nodes, {len(g.layers())} layers, "
           f"{n_weights} weight tensors")
+    print(f"  {estimate(g, 1, 1024)}")
     return 0
 
 
@@ -98,6 +100,10 @@ def cmd_graph(args) -> int:
 
 def _context(args):
     from .passes import PlanContext
+    for flag in ("batch", "length"):
+        v = getattr(args, flag, None)
+        if v is not None and not 1 <= v <= 2 ** 40:
+            raise SeqcError(f"--{flag} must be a positive integer (at most 2**40), got {v}")
     return PlanContext(batch=getattr(args, "batch", 1) or 1, length=getattr(args, "length", 1024) or 1024,
                        backend=getattr(args, "backend", "torch") or "torch")
 

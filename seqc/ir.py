@@ -280,5 +280,6 @@ def format_node(n: Node) -> str:
 
 
 def _short(path: str) -> str:
+    """A span's file as dumps show it: standard-library files as std/NAME.seq, others by base name."""
     import os
-    return os.path.basename(path)
+    return path if path.startswith("std/") else os.path.basename(path)

@@ -14,7 +14,7 @@ Include resolution (``resolve_include``)
   ``include "REL.seq"`` resolves against the including file's directory (the
   working directory for source text), then each explicit search path
   (``-I DIR`` / ``include_paths=``), first existing match wins.  The resolved
-  file (symlinks followed) must lie inside the root it was found from: an
+  file (symlinks followed) must lie inside one of these roots: an
   absolute path or a ``..`` that leaves every root is refused unless the user
   opts in (``--allow-any-include`` / ``allow_any_include=True``).  Only
   ``.seq`` files can be included, and nothing is read before these checks, so
@@ -178,7 +178,7 @@ def resolve_include(path: str, base: str, rules: Spec | None = None, span=None) 
     leaving = None
     for root in roots:
         found = os.path.realpath(os.path.join(root, path))
-        if not _inside(found, root) and not rules.allow_any_include:
+        if not rules.allow_any_include and not any(_inside(found, r) for r in roots):
             leaving = leaving or found
             continue
         if os.path.exists(found):
