@@ -7,6 +7,16 @@ import os
 
 import numpy as np
 import pytest
+import tempfile
+
+from hypothesis import settings
+from hypothesis.configuration import set_hypothesis_home_dir
+
+# No example database, and hypothesis's other caches in the temp directory: property
+# tests never write .hypothesis/ into the working directory.
+settings.register_profile("seqc", database=None)
+settings.load_profile("seqc")
+set_hypothesis_home_dir(os.path.join(tempfile.gettempdir(), f"seqc-hypothesis-{os.getuid()}"))
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = sorted(glob.glob(os.path.join(ROOT, "examples", "*.seq")))
