@@ -87,9 +87,10 @@ def test_bf16_autocast_and_float_dtypes():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = model(x)
     assert torch.isfinite(y).all()
-    assert (y.float() - ref.float()).abs().max() < 0.1 * ref.abs().max()
+    # measured over 5 seeds: autocast 5.6e-4, a bf16 model 4.5e-3 of max|ref| (bf16's ulp is 3.9e-3)
+    assert (y.float() - ref.float()).abs().max() < 2e-3 * ref.abs().max()
     y16 = model.to(torch.bfloat16)(x.to(torch.bfloat16))
-    assert y16.dtype == torch.bfloat16 and (y16.float() - ref.float()).abs().max() < 0.1 * ref.abs().max()
+    assert y16.dtype == torch.bfloat16 and (y16.float() - ref.float()).abs().max() < 1.5e-2 * ref.abs().max()
 
 
 def _ddp_worker(rank, world, init_file, out_file):

@@ -330,8 +330,10 @@ def test_bfloat16(case):
     else:
         y, s = m.bfloat16()(*[x.bfloat16() for x in xs], return_state=True)
     assert y.dtype == torch.bfloat16
-    scale = y32.abs().max()
-    assert (y.float() - y32).abs().max() <= 0.05 * scale + 1e-2
+    # about 3x the worst error measured over input seeds 1..5, relative to max|y32| (bf16's ulp is 3.9e-3)
+    tol = {"ssm-diag-conv": 1e-2, "ssm-s5-scan": 1e-2, "ssm-dense-scan": 1.5e-2, "selective": 1.5e-2,
+           "conv1d": 3e-2, "lstm": 1.5e-2, "attention": 4e-2}[case]
+    assert (y.float() - y32).abs().max() <= tol * y32.abs().max()
 
 
 # -- agreement with the NumPy oracle ----------------------------------------------------------------
