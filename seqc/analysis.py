@@ -564,6 +564,7 @@ class Elaborator:
         except ShapeError as err:
             raise SeqcError(f"'{e.op}': {err.message}: {fmt_shape(a.shape)} vs {fmt_shape(b.shape)}",
                             e.span) from None
+        self._count(e.span, f"'{e.op}'")
         node = self.graph.add(spec.name, [a.ref, b.ref], {}, shapes, name=name, span=e.span)
         return Tensor(Ref(node.id), tuple(shapes[0]), "float")
 

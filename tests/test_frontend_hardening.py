@@ -216,3 +216,20 @@ def test_complex_and_bool_inputs_are_refused(backend):
         call(make((1, 3, 8), dtype=cplx))
     with pytest.raises(SeqcError, match="booleans"):
         call(make((1, 3, 8), dtype=bool if backend == "numpy" else torch.bool))
+
+
+def test_run_uses_torch_in_eval_mode(tmp_path, capsys):
+    """`seqc run` defaults to the torch backend and runs with dropout off: a spec with
+    dropout(p=0.9) prints the same statistics as the same spec without it."""
+    from seqc.cli import main
+    with_dropout = tmp_path / "d.seq"
+    with_dropout.write_text(SMALL.replace("  return y", "  z = dropout(y, p = 0.9)\n  return z"))
+    plain = tmp_path / "p.seq"
+    plain.write_text(SMALL)
+    outs = []
+    for f in (with_dropout, plain):
+        assert main(["run", str(f), "-L", "16", "--seed", "3"]) == 0
+        outs.append(capsys.readouterr().out.splitlines())
+    assert outs[0][0].startswith("model M on torch:")
+    assert outs[0][1] == outs[1][1] and "std" in outs[0][1]
+    assert re.match(r"  forward \d+\.\d ms \(first call \d+\.\d ms", outs[0][2])
