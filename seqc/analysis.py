@@ -16,7 +16,7 @@ import sympy
 from . import ast
 from .errors import SeqcError, Span, did_you_mean
 from .limits import how_to_raise, limit
-from .ir import Graph, Ref, join
+from .ir import Graph, Ref, dims_equal, join
 from .loader import Program, as_spec, load
 from .parser import parse
 from .registry import OPS, PARAM_FUNCTIONS, REQUIRED, ShapeError
@@ -567,22 +567,6 @@ class Elaborator:
         self._count(e.span, f"'{e.op}'")
         node = self.graph.add(spec.name, [a.ref, b.ref], {}, shapes, name=name, span=e.span)
         return Tensor(Ref(node.id), tuple(shapes[0]), "float")
-
-
-def dims_equal(a, b) -> bool:
-    """Whether two dimensions (ints or sympy expressions) are provably equal.
-    Cheap checks first; ``sympy.simplify`` (which can take very long) only on
-    small expressions."""
-    if a == b:
-        return True
-    d = sympy.sympify(a) - sympy.sympify(b)
-    if d.is_number:
-        return d == 0
-    if sympy.expand(d) == 0:
-        return True
-    if sympy.count_ops(d) > limit("SEQC_MAX_DIM_OPS"):
-        return False
-    return sympy.simplify(d) == 0
 
 
 def _warn_unused_layers(graph: Graph) -> None:
