@@ -122,6 +122,8 @@ def cmd_run(args) -> int:
     B, L = _positive("batch", args.batch), _positive("length", args.length)
     check_choice("backend", args.backend, ("numpy", "torch", "triton"))
     seed = _seed(args.seed)
+    if args.max_memory is not None and not args.max_memory > 0:
+        raise SeqcError(f"--max-memory must be a positive number of bytes, got {args.max_memory}")
     graph = build_graph(args.file, _params(args.param))
     check_fits(estimate(graph, B, L, 8 if args.backend == "numpy" else 4), args.max_memory)  # before allocating
     model = compile(graph, backend=args.backend, mode=args.mode, seed=seed, length=L, batch=B, training=False)

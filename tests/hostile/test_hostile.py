@@ -22,6 +22,9 @@ from dataclasses import dataclass, field
 
 import pytest
 
+pytestmark = pytest.mark.skipif(not hasattr(os, "fork") or not os.path.exists("/proc/self/statm"),
+                                reason="the corpus runner forks and reads /proc (Linux)")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SECRET = "seqc-hostile-secret-7f3a9"      # planted in files and the environment; must never be printed
 TIMEOUT = 60
@@ -184,6 +187,7 @@ def _build(tmp) -> dict[str, Case]:
     cases["negative_length"] = Case(["run", small, "--length", "-5"], stderr=r"^[^\n]*small\.seq: error: --length "
                                                                               r"must be a positive integer, got -5\n$")
     cases["graph_negative_length"] = Case(["graph", small, "--planned", "--length", "-5"], stderr="--length must be")
+    cases["negative_max_memory"] = Case(["run", small, "--max-memory", "-1"], stderr="--max-memory must be a positive number")
     cases["negative_seed"] = Case(["run", small, "--seed", "-1"], stderr=r"--seed must be a non-negative")
     cases["bench_numpy"] = Case(["bench", small, "--backend", "numpy"], stderr="needs an autograd backend")
     cases["model_named_debug"] = Case(["check", w(j("dbg.seq"), "model __debug__() {\n  input x: [B, L, 4]\n"
