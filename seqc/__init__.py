@@ -24,9 +24,8 @@ __all__ = ["SeqcError", "SeqcWarning", "Spec", "parse"]
 __version__ = "0.1.0"
 
 from .analysis import build_graph  # noqa: E402
-from .compiler import compile  # noqa: E402,A001
+from .api import compile, difftest  # noqa: E402,A001
 from . import interop  # noqa: E402
-from .differential import difftest  # noqa: E402
 from .discretization import discretize  # noqa: E402
 
 __all__ += ["build_graph", "compile", "discretize", "difftest", "interop"]

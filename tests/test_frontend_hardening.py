@@ -233,3 +233,19 @@ def test_run_uses_torch_in_eval_mode(tmp_path, capsys):
     assert outs[0][0].startswith("model M on torch:")
     assert outs[0][1] == outs[1][1] and "std" in outs[0][1]
     assert re.match(r"  forward \d+\.\d ms \(first call \d+\.\d ms", outs[0][2])
+
+
+def test_compile_and_difftest_take_path_and_source_keywords(tmp_path):
+    f = tmp_path / "m.seq"
+    f.write_text(SMALL)
+    a = seqc.compile(path=str(f), backend="numpy")
+    b = seqc.compile(source=SMALL, backend="numpy", params={"d": 8})
+    assert a.graph.name == b.graph.name == "M"
+    assert seqc.difftest(source=SMALL, length=4).ok
+    with pytest.raises(SeqcError, match="seed must be a non-negative"):
+        seqc.compile(source=SMALL, seed=-1)
+    with pytest.raises(SeqcError, match="params must be a dict"):
+        seqc.compile(SMALL, params="abc")
+    for bad in (float("nan"), -1, 0):
+        with pytest.raises(SeqcError, match="tolerance must be"):
+            seqc.difftest(source=SMALL, tolerance=bad)
