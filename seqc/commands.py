@@ -26,6 +26,14 @@ _PLAN_OPTS = [
 def _positive(name, v):
     if v is None or v < 1:
         raise SeqcError(f"--{name} must be a positive integer, got {v}")
+    if v > 2 ** 40:
+        raise SeqcError(f"--{name} {v} is too large (at most {2 ** 40})")
+    return v
+
+
+def _seed(v):
+    if v is None or not 0 <= v < 2 ** 63:
+        raise SeqcError(f"--seed must be a non-negative integer below 2**63, got {v}")
     return v
 
 
@@ -78,10 +86,12 @@ cmd_passes.options = _PLAN_OPTS + [
 def cmd_explain(args) -> int:
     from .passes import explain
     from .passes.manager import PlanContext
+    from .memory import estimate
     g = _plan(args)
     ctx = PlanContext(batch=args.batch, length=args.length, backend=args.backend, training=args.training,
                       mode=args.mode)
     sys.stdout.write(explain(g, ctx))
+    print(estimate(g, args.batch, args.length, 8 if args.backend == "numpy" else 4))
     return 0
 
 
@@ -106,21 +116,37 @@ cmd_emit.options = _PLAN_OPTS
 def cmd_run(args) -> int:
     import numpy as np
 
-    from .compiler import compile
+    from .analysis import build_graph
+    from .compiler import check_choice, compile
+    from .memory import check_fits, estimate
     B, L = _positive("batch", args.batch), _positive("length", args.length)
-    model = compile(args.file, backend=args.backend, params=_params(args.param), mode=args.mode, seed=args.seed,
-                    length=L, batch=B, training=False)
+    check_choice("backend", args.backend, ("numpy", "torch", "triton"))
+    seed = _seed(args.seed)
+    if args.max_memory is not None and not args.max_memory > 0:
+        raise SeqcError(f"--max-memory must be a positive number of bytes, got {args.max_memory}")
+    graph = build_graph(args.file, _params(args.param))
+    check_fits(estimate(graph, B, L, 8 if args.backend == "numpy" else 4), args.max_memory)  # before allocating
+    model = compile(graph, backend=args.backend, mode=args.mode, seed=seed, length=L, batch=B, training=False)
+    if hasattr(model, "eval"):
+        model.eval()   # inference: dropout off
     graph = model.graph
-    xs = random_inputs(graph, B, L, np.random.default_rng(args.seed))
-    t0 = time.perf_counter()
+    xs = random_inputs(graph, B, L, np.random.default_rng(seed))
     if args.backend == "numpy":
-        ys = as_list(model(*xs, model.weights))
+        def forward():
+            return as_list(model(*xs, model.weights))
     else:
         import torch
-        with torch.no_grad():
-            ts = [torch.as_tensor(x) if x.dtype.kind == "i" else torch.as_tensor(x, dtype=torch.float32) for x in xs]
-            ys = [y.float().numpy() for y in as_list(model(*ts))]
-    dt = time.perf_counter() - t0
+        ts = [torch.as_tensor(x) if x.dtype.kind == "i" else torch.as_tensor(x, dtype=torch.float32) for x in xs]
+
+        def forward():
+            with torch.no_grad():
+                return [y.float().numpy() for y in as_list(model(*ts))]
+    t0 = time.perf_counter()
+    ys = forward()
+    first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    forward()
+    second = time.perf_counter() - t0
     print(f"model {graph.name} on {args.backend}: input {' '.join(str(tuple(x.shape)) for x in xs)} -> "
           f"output {' '.join(str(tuple(np.shape(y))) for y in ys)}")
     finite = True
@@ -130,12 +156,15 @@ def cmd_run(args) -> int:
         label = f"  output {k}:" if len(ys) > 1 else " "
         print(f"{label} mean {y.mean():+.6f}  std {y.std():.6f}  min {y.min():+.6f}  max {y.max():+.6f}  "
               f"finite {bool(np.isfinite(y).all())}")
-    print(f"  {dt * 1e3:.1f} ms")
+    print(f"  forward {second * 1e3:.1f} ms (first call {first * 1e3:.1f} ms, includes one-time compilation and "
+          f"warm-up)")
     return 0 if finite else 1
 
 
 cmd_run.options = [
-    _opt("--backend", default="numpy", help="numpy | torch | triton"),
+    _opt("--backend", default="torch", help="numpy | torch | triton (default torch, like seqc.compile)"),
+    _opt("--max-memory", type=float, default=None, metavar="BYTES",
+         help="refuse a run whose estimated weights + activations exceed BYTES (default SEQC_MAX_MEMORY or 8 GiB)"),
     _opt("--length", "-L", type=int, default=64),
     _opt("--batch", "-B", type=int, default=2),
     _opt("--seed", type=int, default=0),
@@ -146,6 +175,10 @@ cmd_run.options = [
 @command("difftest", "run two backends on the same weights and inputs and compare every node")
 def cmd_difftest(args) -> int:
     from .differential import difftest
+    import math
+    if not (math.isfinite(args.tolerance) and args.tolerance > 0):
+        raise SeqcError(f"--tolerance must be a positive finite number, got {args.tolerance}")
+    _seed(args.seed)
     backends = tuple(b.strip() for b in args.backends.split(","))
     modes = tuple(m.strip() for m in args.modes.split(",")) if args.modes else ("auto",) * len(backends)
     if len(modes) != len(backends):
@@ -170,6 +203,9 @@ cmd_difftest.options = [
 @command("bench", "time forward, forward+backward and per-token step of a compiled spec for each plan")
 def cmd_bench(args) -> int:
     from .benchmark import bench
+    if args.backend != "torch":
+        raise SeqcError(f"bench times forward+backward and needs an autograd backend; --backend {args.backend} "
+                        f"has none (use --backend torch)")
     rows = bench(args.file, _params(args.param), backend=args.backend, length=_positive("length", args.length),
                  batch=_positive("batch", args.batch), repeat=_positive("repeat", args.repeat),
                  steps=_positive("steps", args.steps), modes=tuple(args.modes.split(",")))
@@ -188,14 +224,18 @@ cmd_bench.options = [
 ]
 
 
-@command("fmt", "print the spec in canonical form (comments are not kept)")
+@command("fmt", "print the spec in canonical form (comments are kept)")
 def cmd_fmt(args) -> int:
-    from .fmt import format_module
-    from .parser import parse_file
-    text = format_module(parse_file(args.file))
+    from .fmt import format_source
+    spec = args.file
+    original = spec.source if spec.path is None else None
+    if original is None:
+        from .parser import read_spec_bytes
+        original = read_spec_bytes(spec.path)
+    text = format_source(original, spec.name, quote=spec.path is None or spec.name.endswith(".seq"))
+    original = original.decode("utf-8") if isinstance(original, bytes) else original   # valid: it parsed
     if args.check:
-        with open(args.file, encoding="utf-8") as f:
-            return 0 if f.read() == text else 1
+        return 0 if original == text else 1
     sys.stdout.write(text)
     return 0
 

@@ -351,7 +351,9 @@ def test_comment_only_file():
 
 def test_file_without_a_model():
     e = error_of("block A() {\n  input x: [B]\n  return x\n}\n")
-    assert (e.line, e.column) == (1, 1) and "no 'model'" in e.message
+    # a whole-file error: named by file, no invented line:column and no caret
+    assert (e.line, e.column) == (None, None) and "no 'model'" in e.message
+    assert str(e) == "<string>: error: no 'model' definition in this file" and e.render() == str(e)
 
 
 def test_huge_numbers():
