@@ -20,6 +20,8 @@ _PLAN_OPTS = [
     _opt("--backend", default="torch", help="numpy | torch | triton"),
     _opt("--mode", default="auto", help="auto | conv | scan | recurrent"),
     _opt("--training", action="store_true", help="plan for forward+backward instead of inference"),
+    _opt("--device", default="cpu", help="cpu | cuda (the planner's machine model)"),
+    _opt("--dtype", default=None, help="float64 | float32 | bfloat16 | float16 (default: the backend's)"),
 ]
 
 
@@ -34,7 +36,8 @@ def _plan(args, instruments=None, pipeline=None, graph=None):
     from .compiler import plan_graph
     return plan_graph(graph if graph is not None else args.file, args.backend, _params(args.param), args.mode,
                       length=_positive("length", args.length), batch=_positive("batch", args.batch),
-                      training=args.training, pipeline=pipeline, instruments=instruments)
+                      training=args.training, pipeline=pipeline, instruments=instruments, device=args.device,
+                      dtype=args.dtype)
 
 
 @command("passes", "list the pass pipeline and dump the IR between passes")
@@ -76,11 +79,14 @@ cmd_passes.options = _PLAN_OPTS + [
 
 @command("explain", "show, per layer, the plans considered, their predicted cost and the winner")
 def cmd_explain(args) -> int:
+    from .backend import get_backend
     from .passes import explain
     from .passes.manager import PlanContext
     g = _plan(args)
+    be = get_backend(args.backend)
+    dtype = args.dtype or be.default_dtype
     ctx = PlanContext(batch=args.batch, length=args.length, backend=args.backend, training=args.training,
-                      mode=args.mode)
+                      mode=args.mode, device=args.device, dtype=dtype, machine=be.machine(args.device, dtype))
     sys.stdout.write(explain(g, ctx))
     return 0
 
@@ -90,12 +96,10 @@ cmd_explain.options = _PLAN_OPTS
 
 @command("emit", "print the generated source for a backend")
 def cmd_emit(args) -> int:
+    from .backend import get_backend
+    from .lower import lower
     g = _plan(args)
-    if args.backend == "numpy":
-        from .backends.numpy.codegen import emit
-    else:
-        from .backends.torch.codegen import emit
-    sys.stdout.write(emit(g))
+    sys.stdout.write(get_backend(args.backend).emit(lower(g)))
     return 0
 
 
@@ -106,20 +110,16 @@ cmd_emit.options = _PLAN_OPTS
 def cmd_run(args) -> int:
     import numpy as np
 
+    from .backend import get_backend
     from .compiler import compile
     B, L = _positive("batch", args.batch), _positive("length", args.length)
+    be = get_backend(args.backend)
     model = compile(args.file, backend=args.backend, params=_params(args.param), mode=args.mode, seed=args.seed,
                     length=L, batch=B, training=False)
     graph = model.graph
     xs = random_inputs(graph, B, L, np.random.default_rng(args.seed))
     t0 = time.perf_counter()
-    if args.backend == "numpy":
-        ys = as_list(model(*xs, model.weights))
-    else:
-        import torch
-        with torch.no_grad():
-            ts = [torch.as_tensor(x) if x.dtype.kind == "i" else torch.as_tensor(x, dtype=torch.float32) for x in xs]
-            ys = [y.float().numpy() for y in as_list(model(*ts))]
+    ys = be.forward(model, xs)
     dt = time.perf_counter() - t0
     print(f"model {graph.name} on {args.backend}: input {' '.join(str(tuple(x.shape)) for x in xs)} -> "
           f"output {' '.join(str(tuple(np.shape(y))) for y in ys)}")
@@ -179,7 +179,7 @@ def cmd_bench(args) -> int:
 
 
 cmd_bench.options = [
-    _opt("--backend", default="torch", help="numpy | torch"),
+    _opt("--backend", default="torch", help="numpy | torch | triton"),
     _opt("--length", "-L", type=int, default=1024),
     _opt("--batch", "-B", type=int, default=2),
     _opt("--repeat", type=int, default=3),

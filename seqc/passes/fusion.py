@@ -6,6 +6,7 @@ functions."""
 from __future__ import annotations
 
 from ..ir import Ref
+from ..lower import Region
 from ..registry import OPS
 from .manager import compiler_pass
 
@@ -95,6 +96,19 @@ def epilogue(n) -> list[str]:
     return []
 
 
+def region_flags(n) -> dict:
+    """The kernel specialisation constants of an anchor: what its one fused kernel does."""
+    a = n.attrs
+    if n.op == "selective_ssm":
+        return {"delta_bias": bool(a["delta_bias"]), "delta_softplus": bool(a["delta_softplus"]), "disc": a["disc"],
+                "d_skip": True, "gate": "silu" if len(n.inputs) == 5 else None}
+    if n.op == "ssm":
+        return {"kind": a["kind"], "disc": a["disc"], "d_skip": True}
+    if n.op == "conv1d":
+        return {"bias": bool(a.get("bias", True)), "activation": a["activation"]}
+    return {}
+
+
 @compiler_pass("mark-fusion-regions")
 def mark_fusion_regions(g, ctx):
     """Record one fusion region per anchor: the anchor plus single-use elementwise consumers."""
@@ -102,15 +116,21 @@ def mark_fusion_regions(g, ctx):
     for n in g.order():
         if n.op not in ("selective_ssm", "ssm", "conv1d"):
             continue
-        region = f"f{k}"
+        rid = f"f{k}"
         k += 1
-        n.meta["fusion"] = region
+        n.meta["fusion"] = rid
         n.meta["fused"] = "+".join(epilogue(n))
+        members = [n]
         cur = n
         while len(cur.shapes) == 1 and _single_use(g, Ref(cur.id)):
             (nxt,) = [u for u in g.users(cur.id)] or [None]
             if nxt is None or OPS[nxt.op].kind not in ("activation", "elementwise") or "fusion" in nxt.meta:
                 break
-            nxt.meta["fusion"] = region
+            nxt.meta["fusion"] = rid
+            members.append(nxt)
             cur = nxt
+        ids = {m.id for m in members}
+        inputs = tuple(dict.fromkeys(r for m in members for r in m.inputs if r.node not in ids))
+        n.meta["region"] = Region(rid, n.id, tuple(m.id for m in members), (), tuple(m.id for m in members[1:]),
+                                  inputs, tuple(Ref(cur.id, i) for i in range(len(cur.shapes))), region_flags(n))
     return g
