@@ -143,27 +143,32 @@ cmd_run.options = [
 ]
 
 
-@command("difftest", "run two backends on the same weights and inputs and compare every node")
+@command("difftest", "run two backends (or plans) on the same weights and inputs; compare every node, the "
+                     "gradients of inputs and parameters, and stepping against the forward pass")
 def cmd_difftest(args) -> int:
     from .differential import difftest
     backends = tuple(b.strip() for b in args.backends.split(","))
     modes = tuple(m.strip() for m in args.modes.split(",")) if args.modes else ("auto",) * len(backends)
     if len(modes) != len(backends):
         raise SeqcError(f"--modes needs one mode per backend ({len(backends)}), got {len(modes)}")
-    report = difftest(args.file, backends, _params(args.param), seed=args.seed,
+    report = difftest(args.file, backends, _params(args.param), seed=args.seed, dtype=args.dtype,
                       batch=_positive("batch", args.batch), length=_positive("length", args.length),
-                      modes=modes, tolerance=args.tolerance)
+                      modes=modes, tolerance=args.tolerance, grads=not args.no_grads, step=not args.no_step)
     print(report)
     return 0 if report.ok else 1
 
 
 cmd_difftest.options = [
-    _opt("--backends", default="numpy,torch", help="two backends, comma-separated"),
+    _opt("--backends", default="numpy,torch", help="two backends, comma-separated (the same one twice with "
+         "--modes compares two plans)"),
     _opt("--modes", default=None, help="plan modes for the two runs, e.g. conv,scan"),
+    _opt("--dtype", default="float64", help="float64 | float32 | bfloat16 (sets the tolerances)"),
     _opt("--length", "-L", type=int, default=16),
     _opt("--batch", "-B", type=int, default=2),
     _opt("--seed", type=int, default=0),
-    _opt("--tolerance", type=float, default=1e-8),
+    _opt("--tolerance", type=str, default=None, help="relative tolerance on values (default: by dtype)"),
+    _opt("--no-grads", action="store_true", help="skip the gradient comparison"),
+    _opt("--no-step", action="store_true", help="skip stepping against the forward pass"),
 ]
 
 

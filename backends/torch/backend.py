@@ -39,12 +39,12 @@ class TorchBackend(Backend):
         self.check_target(device, dtype)
         if weights is None:
             weights = init_weights(program.graph, seed=seed)
-        model = build_module(program, weights)
+        model = build_module(program)
         if device != "cpu":
             model = model.to(device)
         if dtype != "float32":
             model = model.to(getattr(torch, dtype))
-        return model
+        return model.load_numpy(weights)       # after the cast: float64 weights stay exact
 
     def inference(self):
         import torch
