@@ -138,7 +138,7 @@ class Report:
 
 FAULT_KINDS = ("sign", "causal", "discretization")
 _FAULTS: list[dict] = []
-_WRONG_METHOD = {"zoh": "euler", "euler": "zoh", "bilinear": "euler", "backward_euler": "zoh", "mamba": "euler"}
+_WRONG_METHOD = {"zoh": "euler", "euler": "zoh", "bilinear": "euler", "backward_euler": "zoh", "mamba": "zoh"}
 
 
 @contextlib.contextmanager
@@ -178,7 +178,10 @@ def _apply_program_faults(program, faults) -> None:
         c = _match(program, f["node"])
         if "disc" not in c.attrs:
             raise SeqcError(f"inject_fault: {c.op} at {c.where} has no discretization")
-        c.attrs = dict(c.attrs, disc=_WRONG_METHOD[c.attrs["disc"]])
+        choices = getattr(c.spec.attr("disc"), "choices", ()) or tuple(_WRONG_METHOD)
+        wrong = _WRONG_METHOD.get(c.attrs["disc"])
+        wrong = wrong if wrong in choices else next(m for m in choices if m != c.attrs["disc"])
+        c.attrs = dict(c.attrs, disc=wrong)
         c.meta = {k: v for k, v in c.meta.items() if k != "disc"}   # the derived program follows the method
 
 
