@@ -204,8 +204,8 @@ def _model_faults(backend: str, model, program, faults):
     if not causal:
         yield
         return
-    if backend != "torch":
-        raise SeqcError("inject_fault(kind='causal') perturbs the torch backend's attention")
+    if not hasattr(model, "get_submodule"):
+        raise SeqcError(f"inject_fault(kind='causal') perturbs torch attention modules, not the {backend} backend")
     import torch
     import torch.nn.functional as F
     sdpa = F.scaled_dot_product_attention

@@ -168,10 +168,12 @@ TABLE_MAX_LENGTH = 1 << 20
 
 def plan_table(node, ctx) -> PlanTable:
     """The cost model's plan for every (training, batch in TABLE_BATCHES, length),
-    as sorted length breakpoints: lengths are scanned over powers of two up to
-    TABLE_MAX_LENGTH, and each change of winner is located exactly by bisection
-    (so the table agrees with ``plan_for_shapes`` at every length of those batches,
-    provided the winner changes at most once between neighbouring powers of two)."""
+    as sorted length breakpoints.  Lengths are sampled at each power of two and
+    the length after it (the convolution's FFT size jumps there), up to
+    TABLE_MAX_LENGTH; each change of winner between samples is located exactly by
+    bisection, so the table agrees with ``plan_for_shapes`` at every length of
+    those batches as long as the winner changes at most once between samples."""
+    samples = sorted({1} | {v for k in range(1, TABLE_MAX_LENGTH.bit_length()) for v in (1 << k, (1 << k) + 1)})
     rows = {}
     for training in (False, True):
         for batch in TABLE_BATCHES:
@@ -179,9 +181,7 @@ def plan_table(node, ctx) -> PlanTable:
                 return plan_for_shapes(node, ctx, batch, length, training)
             row = [(1, best(1))]
             lo = 1
-            k = 1
-            while (1 << k) <= TABLE_MAX_LENGTH:
-                hi = 1 << k
+            for hi in samples[1:]:
                 while best(hi) != row[-1][1]:
                     a, b = lo, hi           # best(a) == current plan, best(b) differs
                     while b - a > 1:
@@ -193,7 +193,6 @@ def plan_table(node, ctx) -> PlanTable:
                     row.append((b, best(b)))
                     lo = b
                 lo = hi
-                k += 1
             rows[(training, batch)] = tuple(row)
     return PlanTable(TABLE_BATCHES, rows)
 
