@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from seqc.backend import Backend, register_backend
+from seqc.errors import SeqcError
 from seqc.inputs import as_list
 
 # Machine models.  CPU figures fitted with benchmarks/bench_plans.py on the 2-core development machine
@@ -37,6 +38,8 @@ class TorchBackend(Backend):
         from .module import build_module
         dtype = dtype or self.default_dtype
         self.check_target(device, dtype)
+        if device == "cuda" and not torch.cuda.is_available():
+            raise SeqcError("device='cuda' asked for, but torch sees no CUDA device here")
         if weights is None:
             weights = init_weights(program.graph, seed=seed)
         model = build_module(program)
