@@ -58,4 +58,13 @@ def compile(spec, backend: str = "torch", params: dict | None = None, mode: str 
     graph = plan_graph(spec, backend, params, mode, length=length, batch=batch, training=training,
                        pipeline=pipeline, device=device, dtype=dtype)
     be = get_backend(backend)
-    return be.build(lower(graph), seed=seed, device=device or "cpu", dtype=dtype)
+    program = lower(graph)
+    check_supported(be, program)
+    return be.build(program, seed=seed, device=device or "cpu", dtype=dtype)
+
+
+def check_supported(be, program) -> None:
+    """Every call must be one the backend can run (SeqcError at the first that is not)."""
+    for c in program.calls:
+        if not be.supports(c):
+            raise SeqcError(f"the {be.name} backend has no implementation of '{c.op}'", c.span)

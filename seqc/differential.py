@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .backend import get_backend
-from .compiler import MODES, check_choice, plan_graph
+from .compiler import MODES, check_choice, check_supported, plan_graph
 from .errors import SeqcError
 from .init import init_weights
 from .inputs import as_list, random_inputs
@@ -241,6 +241,7 @@ class Side:
         graph = plan_graph(spec, backend, params, mode, length=length, batch=batch, dtype=self.dtype)
         self.graph = graph
         self.program = lower(graph)
+        check_supported(self.be, self.program)
         self.faults = _faults_for(index, backend, n_sides)
         _apply_program_faults(self.program, self.faults)
 

@@ -226,3 +226,12 @@ def test_a_backend_without_a_machine_model_says_so():
     finally:
         from seqc import backend
         backend._REGISTRY.pop("custom_test")
+
+
+def test_compile_refuses_an_op_the_backend_cannot_run(monkeypatch):
+    from seqc.backends.torch import functional
+    monkeypatch.delitem(functional.FUNCTIONS, "gelu")
+    with pytest.raises(seqc.SeqcError, match="torch backend has no implementation of 'gelu'") as e:
+        seqc.compile(MEMBER)
+    assert e.value.line == 5
+    seqc.compile(MEMBER, backend="numpy")

@@ -20,6 +20,10 @@ class NumpyBackend(Backend):
         return dict(step=25e-6, llc=32 * 2 ** 20, ns={"conv": 0.6, "scan": 24.0, "recurrent": 2.0,
                                                        "recurrent_dram": 12.0, "selective": 20.0})
 
+    def supports(self, call) -> bool:
+        from .codegen import Oracles
+        return callable(getattr(Oracles(), call.op, None))
+
     def emit(self, program) -> str:
         return emit(program)
 

@@ -26,6 +26,11 @@ class TorchBackend(Backend):
         self.check_target(device, dtype)
         return dict(_MACHINES[device])
 
+    def supports(self, call) -> bool:
+        from .functional import FUNCTIONS
+        from .layers import LAYERS
+        return call.op in (LAYERS if call.is_layer else FUNCTIONS)
+
     def emit(self, program) -> str:
         from .codegen import emit
         return emit(program)
