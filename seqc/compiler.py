@@ -2,19 +2,13 @@
 from __future__ import annotations
 
 from .analysis import build_graph
-from .backend import backend_names, get_backend
+from .backend import get_backend
 from .errors import SeqcError, did_you_mean
 from .lower import lower
 from .passes import Pipeline, PlanContext, run_pipeline
 
 MODES = ("auto", "conv", "scan", "recurrent")
 DEVICES = ("cpu", "cuda")
-
-
-def __getattr__(name):
-    if name == "BACKENDS":          # the registered backends' names (kept for older callers)
-        return backend_names()
-    raise AttributeError(name)
 
 
 def check_choice(what: str, value, choices) -> str:
