@@ -1,7 +1,8 @@
 """seqc: a compiler for sequence models (SSMs, selective SSMs, LSTMs, attention).
 
-Public API (see CONTRACT.md): ``parse``, ``build_graph``, ``compile``,
-``discretize``, ``difftest``, ``interop`` and the one error type ``SeqcError``.
+Public API: ``parse``, ``build_graph``, ``compile``, ``discretize``,
+``difftest``, ``interop``, ``register_op`` (add an op of your own; see
+``seqc.ops``) and the one error type ``SeqcError``.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from .compiler import compile  # noqa: E402,A001
 from . import interop  # noqa: E402
 from .differential import difftest  # noqa: E402
 from .discretization import discretize  # noqa: E402
+from .ops import register_op  # noqa: E402
 
-__all__ += ["build_graph", "compile", "discretize", "difftest", "interop"]
+__all__ += ["build_graph", "compile", "discretize", "difftest", "interop", "register_op"]
 

@@ -373,7 +373,7 @@ class Elaborator:
             known = [n for n, v in scope.values.items() if is_number(v)]
             raise SeqcError(f"'{spec.name}' needs a known size for dimension {i} of its input, but it is the "
                             f"symbol '{d}'{did_you_mean(str(d), known)}", tensors[k][1]) from None
-        owns = spec.has_weights or spec.stateful
+        owns = spec.is_layer
         if owns:
             if module is None:
                 module = self._auto_name(scope, spec.name)
@@ -413,6 +413,13 @@ class Elaborator:
                 raise SeqcError(f"'{spec.name}' needs argument '{a.name}'" + (f" ({a.doc})" if a.doc else ""), span)
             else:
                 attrs[a.name] = a.default
+        if spec.validate is not None:
+            try:
+                spec.validate(attrs)
+            except ShapeError as e:       # point at an attribute the check names, if the spec gave one
+                named = e.attr if isinstance(e.attr, tuple) else (e.attr,)
+                where = next((given[k][1] for k in named if k in given), span)
+                raise SeqcError(f"'{spec.name}': {e.message}", where) from None
         return attrs
 
     # -- expressions ----------------------------------------------------------------

@@ -132,7 +132,7 @@ class Graph:
 
     def layers(self) -> list[Node]:
         """Nodes that own weights or state (the modules of a backend)."""
-        return [n for n in self.order() if n.spec is not None and (n.spec.has_weights or n.spec.stateful)]
+        return [n for n in self.order() if n.spec is not None and n.spec.is_layer]
 
     def weight_shapes(self) -> dict[str, tuple]:
         out = {}

@@ -60,24 +60,13 @@ def emit(program, trace: bool = False) -> str:
 
 
 class Oracles:
-    """``ops.<op>``, ``ops.<op>_step``, ``ops.<op>_init_state`` in generated code: the
-    op's registered oracle (``OpSpec.reference`` ...) where it has one, else the
-    function of ``backends.numpy.ops`` of that name."""
-
-    _SUFFIX = {"_step": "reference_step", "_init_state": "reference_init_state"}
+    """``ops.<op>`` (``_step``, ``_init_state``) in generated code: each op's oracle
+    through the ``backends.numpy.ops`` view, resolved once per model."""
 
     def __getattr__(self, name):
-        from seqc.registry import OPS
-
         from . import ops
-        for suffix, field in self._SUFFIX.items():
-            if name.endswith(suffix) and name[:-len(suffix)] in OPS:
-                fn = getattr(OPS[name[:-len(suffix)]], field, None)
-                break
-        else:
-            fn = getattr(OPS[name], "reference", None) if name in OPS else None
-        fn = fn if callable(fn) else getattr(ops, name)
-        setattr(self, name, fn)          # resolved once per model
+        fn = getattr(ops, name)
+        setattr(self, name, fn)
         return fn
 
 

@@ -19,39 +19,16 @@ FLOPs and bytes are reported alongside for information.
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 from ..errors import SeqcError
+# each op's plan options live with its spec (OpSpec.plan_options); the cost-model names stay importable here
+from ..ops.base import TRAIN_BATCHED_STEPS, TRAIN_LOOP_STEPS  # noqa: F401
+from ..ops.base import PlanOption as Option
+from ..ops.selective_ssm import SCAN_CHUNK  # noqa: F401
+from ..ops.ssm import CONV_OPS  # noqa: F401
 from ..lower import PlanTable
 from .manager import compiler_pass
-
-SCAN_CHUNK = 64
-CONV_OPS = 85
-# forward+backward / forward, per sequential step (fitted with bench_plans.py --train)
-TRAIN_LOOP_STEPS = 6.0
-TRAIN_BATCHED_STEPS = 2.5
-
-
-@dataclass
-class Option:
-    plan: str
-    steps: float
-    elements: float
-    ns_per_element: float
-    flops: float
-    working_set: float      # bytes materialised
-    legal: bool = True
-    why: str = ""
-    batched: bool = False      # its steps are a fixed set of batched ops, not a loop over time
-    training: bool = False
-
-    def seconds(self, m) -> float:
-        steps, elements = self.steps, self.elements
-        if self.training:   # backward: autograd replays every step (a loop's far more dearly)
-            steps *= TRAIN_BATCHED_STEPS if self.batched else TRAIN_LOOP_STEPS
-            elements *= 2
-        return steps * m["step"] + elements * self.ns_per_element * 1e-9
 
 
 def _machine(ctx):
@@ -62,44 +39,12 @@ def _machine(ctx):
     return get_backend(ctx.backend, check=False).machine(ctx.device, ctx.dtype)
 
 
-def _itemsize(ctx) -> int:
-    return {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}.get(ctx.dtype, 4)
-
-
 def options_for(node, ctx) -> list[Option]:
-    B, L, s = ctx.batch, ctx.length, _itemsize(ctx)
-    m = _machine(ctx)
-    if node.op == "ssm":
-        H = int(node.input_shapes[0][-1])
-        kind, N = node.attrs["kind"], node.attrs["d_state"]
-        modes = {"diag": N // 2, "s5": N // 2, "dense": N, "shift": N}[kind]
-        cplx = 2 if kind in ("diag", "s5") else 1
-        per_step = modes * (N if kind == "dense" else 1)        # dense: an N x N mat-vec per step
-        width = 1 if kind == "s5" else H                         # s5: one state shared by the channels
-        nfft = 1 << max(1, math.ceil(math.log2(2 * L)))
-        fft_flops = B * H * 5 * nfft * math.log2(nfft) * 2
-        vander = (H * H if kind == "s5" else H) * modes * L      # kernel powers, once per call
-        states = B * width * per_step * L
-        # conv: ~85 batched ops whatever L (kernel by blocked Vandermonde products, rfft, irfft)
-        conv = Option("conv", CONV_OPS, vander + B * H * nfft, m["ns"]["conv"],
-                      vander * 8 * cplx + fft_flops, s * cplx * (vander + B * H * nfft), batched=True)
-        scan = Option("scan", 3 * math.sqrt(L), states, m["ns"]["scan"], states * 4 * cplx, s * cplx * states * 3)
-        history = s * cplx * states * 2
-        rec_ns = m["ns"]["recurrent"] if history <= m["llc"] else m["ns"]["recurrent_dram"]
-        rec = Option("recurrent", L, states, rec_ns, states * 4 * cplx, history)
-        return [conv, scan, rec]
-    if node.op == "selective_ssm":
-        D, N = int(node.input_shapes[0][-1]), node.attrs["d_state"]
-        elems = B * L * D * N
-        why = "input-dependent (selective) dynamics have no convolution kernel"
-        conv = Option("conv", 0, 0, 0, 0, 0, legal=False, why=why)
-        scan = Option("scan", math.ceil(L / SCAN_CHUNK), elems, m["ns"]["selective"], elems * 6,
-                      s * B * D * N * math.ceil(L / SCAN_CHUNK), batched=True)
-        rec = Option("recurrent", L * 6, elems, m["ns"]["selective"], elems * 6, s * B * D * N * L)
-        return [conv, scan, rec]
-    if node.op in ("lstm", "attention"):   # one plan each: the fused LSTM kernel, SDPA (the recurrent face is step)
-        return [Option("recurrent", 0, 0, 0, 0, 0)]
-    return []
+    """The node's execution plans with their predicted costs (its op's ``plan_options``)."""
+    spec = node.spec
+    if spec is None or spec.plan_options is None:
+        return []
+    return spec.plan_options(node, ctx, _machine(ctx))
 
 
 def choose(node, ctx):
@@ -140,7 +85,7 @@ def plan(g, ctx):
     table (``meta["plan_table"]``, see ``plan_table``) from which the backend
     picks the plan on each call without the planner."""
     for n in g.order():
-        if n.op not in ("ssm", "selective_ssm", "lstm", "attention"):
+        if n.spec is None or n.spec.plan_options is None:
             continue
         if ctx.length is None:
             guesses = {choose(n, replace(ctx, length=L))[1].plan for L in (16, 1024, 65536)}
