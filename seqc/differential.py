@@ -104,11 +104,11 @@ class Report:
         return self.tolerances["grad" if g.method == "tensor" else "fd"]
 
     def __str__(self) -> str:
-        a, b = self.backends
-        ma, mb = self.modes or ("auto", "auto")
+        a, b = (name if mode == "auto" else f"{name}[{mode}]"
+                for name, mode in zip(self.backends, self.modes or ("auto", "auto")))
         t = self.tolerances
-        lines = [f"difftest {a}[{ma}] vs {b}[{mb}] in {self.dtype}: {'OK' if self.ok else 'MISMATCH'} "
-                 f"(output max |diff| {self.output_abs:.3g})",
+        lines = [f"difftest {a} vs {b}: {'OK' if self.ok else 'MISMATCH'} "
+                 f"({self.dtype}, output max |diff| {self.output_abs:.3g})",
                  f"tolerances (relative): values {t['value']:g}, gradients {t['grad']:g}, "
                  f"directional derivatives {t['fd']:g}"]
         lines.append(f"  {'node':>5} {'op':<14} {'max abs':>10} {'max rel':>10}  name / location")
