@@ -14,7 +14,7 @@ import re
 
 import numpy as np
 
-from .errors import SeqcError
+from ..errors import SeqcError
 
 _LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
 _PREFIXES = ("backbone.", "mamba.", "model.")
@@ -108,7 +108,7 @@ def from_mamba_ssm(state_dict, dtype=None):
     """
     import torch
 
-    from .compiler import compile
+    from ..compiler import compile
 
     if isinstance(state_dict, (str, os.PathLike)):
         state_dict = load_checkpoint(state_dict)
