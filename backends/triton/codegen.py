@@ -157,6 +157,10 @@ def scan_fwd(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, len_
     length = L
     if HAS_LENGTHS:
         length = tl.load(len_ptr + b)
+    fr = x     # LTI: the state after `length` steps (the final state with lengths=)
+    fi = x
+    if LTI:
+        fi = xi
     nchunks = tl.cdiv(L, CHUNK)
     for c in range(nchunks):
         base = (b * nchunks + c) * (2 * DN if LTI else DN)
@@ -194,10 +198,11 @@ def scan_fwd(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, len_
                 u = _load_row(u_ptr, row, DIM, offs_d, md, A.dtype)
                 if LTI:
                     keep = t < length
-                    ur = tl.where(keep, u, 0.0)[:, None]
-                    xr = tl.where(keep, Ar * x - Ai * xi + Br * ur, x)
-                    xi = tl.where(keep, Ar * xi + Ai * x + Bi * ur, xi)
+                    xr = Ar * x - Ai * xi + Br * u[:, None]
+                    xi = Ar * xi + Ai * x + Bi * u[:, None]
                     x = xr
+                    fr = tl.where(keep, x, fr)
+                    fi = tl.where(keep, xi, fi)
                     y = 2.0 * tl.sum(Cr * x - Ci * xi, 1)
                     y = _epilogue(y, u, Dv, u, D_SKIP, False)
                 else:
@@ -212,9 +217,11 @@ def scan_fwd(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, len_
                         z = _load_row(z_ptr, row, DIM, offs_d, md, A.dtype)
                     y = _epilogue(tl.sum(x * Ct[None, :], 1), u, Dv, z, D_SKIP, GATE)
                 tl.store(y_ptr + row * DIM + offs_d, y, mask=md)
-    tl.store(xL_ptr + b * (2 * DN if LTI else DN) + dn, x, mask=m2)
     if LTI:
-        tl.store(xL_ptr + b * 2 * DN + DN + dn, xi, mask=m2)
+        tl.store(xL_ptr + b * 2 * DN + dn, fr, mask=m2)
+        tl.store(xL_ptr + b * 2 * DN + DN + dn, fi, mask=m2)
+    else:
+        tl.store(xL_ptr + b * DN + dn, x, mask=m2)
 
 
 @triton.jit

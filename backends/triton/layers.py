@@ -1,0 +1,128 @@
+"""Triton runtime layers: the torch layers with their hot paths routed to the generated kernels.
+
+Each class subclasses the torch backend's layer of the same op and adds no
+state, so parameters, attribute handling, ``init_state`` and state layouts
+are the torch layer's; ``swap(module)`` turns a built torch layer into the
+Triton one in place (``module.__class__``), keeping its ``state_dict``.
+
+* ``SelectiveSSM``: ``forward`` is one fused kernel (prologue: delta bias,
+  softplus, ``lengths`` mask, discretization; recurrence; epilogue: C
+  contraction, D skip, silu gate) with a fused backward; ``step`` is the
+  single-token kernel, updating the given state tensor in place.
+* ``SSM`` (kind ``diag``, plans scan / recurrent): the complex diagonal
+  recurrence kernel; the kernel has no backward, so when gradients are
+  needed, and for the FFT ``conv`` plan and the other kinds, the torch path runs.
+* ``Conv1d``: causal depthwise convolution with the activation fused, forward
+  and backward kernels (activations without a kernel run in torch).
+* ``RMSNorm``: the RMSNorm kernel, forward and backward.
+
+Where a kernel cannot take a call (gradients through ``step``, an op or
+attribute without a kernel) the torch implementation runs instead.
+"""
+from __future__ import annotations
+
+import torch
+
+from seqc.backends.torch import layers as torch_layers
+from seqc.backends.torch.base import check_lengths, no_autocast
+
+from . import codegen, kernels
+
+SCAN_DISCS = ("mamba", "zoh", "bilinear", "euler", "backward_euler")
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+class SelectiveSSM(torch_layers.SelectiveSSM):
+    """Mamba's selective scan through the generated fused kernels."""
+
+    assoc = True      # within a chunk: tl.associative_scan (True) or a sequential loop (False)
+
+    def _kernel_args(self):
+        A = -torch.exp(self.A_log)
+        bias = self.delta_bias if self.attrs["delta_bias"] else None
+        return A, bias
+
+    def forward(self, u, delta, B, C, z=None, state=None, return_state=False, lengths=None):
+        if self.attrs["disc"] not in SCAN_DISCS:
+            return super().forward(u, delta, B, C, z, state=state, return_state=return_state, lengths=lengths)
+        lengths = check_lengths(lengths, u)
+        with no_autocast(u):
+            A, bias = self._kernel_args()
+            x0 = None if state is None else state["x"]
+            y, x = kernels.selective_scan(u, delta, A, B, C, self.D, z, bias, x0, lengths,
+                                          delta_softplus=self.attrs["delta_softplus"], disc=self.attrs["disc"],
+                                          assoc=self.assoc)
+        return (y, {"x": x}) if return_state else y
+
+    def step(self, u_t, delta_t, B_t, C_t, z_t=None, state=None):
+        A, bias = self._kernel_args()
+        if self.attrs["disc"] not in SCAN_DISCS or _needs_grad(u_t, delta_t, B_t, C_t, z_t, A, self.D, bias):
+            return super().step(u_t, delta_t, B_t, C_t, z_t, state=state)
+        acc = kernels.work_dtype(u_t, A)
+        x = None if state is None else state["x"]
+        if x is not None and (x.dtype != acc or not x.is_contiguous()):
+            x = x.to(acc).contiguous()
+        with no_autocast(u_t):
+            y, x = kernels.selective_step(u_t, delta_t, A, B_t, C_t, self.D, z_t, bias, x,
+                                          delta_softplus=self.attrs["delta_softplus"], disc=self.attrs["disc"])
+        return y, {"x": x}
+
+
+class SSM(torch_layers.SSM):
+    """The LTI SSM; kind diag with a scan / recurrent plan runs the complex recurrence kernel."""
+
+    def _kernel_plan(self, u):
+        if self.attrs["kind"] != "diag" or _needs_grad(u, *self.parameters()):
+            return False
+        plan = self.plan
+        if plan == "auto" and self.plan_for is not None:
+            plan = self.plan_for(u.shape[0], u.shape[1], False)
+        return plan in ("scan", "recurrent")
+
+    def forward(self, u, state=None, return_state=False, lengths=None):
+        if not self._kernel_plan(u):
+            return super().forward(u, state=state, return_state=return_state, lengths=lengths)
+        lengths = check_lengths(lengths, u)
+        work = kernels.work_dtype(u, self.D)
+        with no_autocast(u):
+            system = self.system(work)                 # discretized parameters (torch, O(H N))
+            self.last_plan = "scan"
+            y, x = kernels.lti_scan(u, system.a, system.Bbar, system.C, self.D, None if state is None else state["x"],
+                                    lengths, disc=self.attrs["disc"])
+        return (y, {"x": x}) if return_state else y
+
+
+class Conv1d(torch_layers.Conv1d):
+    """Causal depthwise conv1d + activation through the generated kernels."""
+
+    def forward(self, x, state=None, return_state=False, lengths=None):
+        if self.attrs["activation"] not in codegen.ACTIVATION_CODES:
+            return super().forward(x, state=state, return_state=return_state, lengths=lengths)
+        lengths = check_lengths(lengths, x)
+        window = None if state is None else state["window"]
+        y, xp = kernels.conv1d(x, self.weight, getattr(self, "bias", None), window, self.attrs["activation"])
+        if not return_state:
+            return y
+        taps = self.weight.shape[-1]
+        return y, {"window": self._last_inputs(xp.transpose(1, 2), lengths, taps - 1)}
+
+
+class RMSNorm(torch_layers.RMSNorm):
+    def map(self, x):
+        return kernels.rmsnorm(x, self.weight, self.attrs["eps"])
+
+
+SWAPS = {torch_layers.SelectiveSSM: SelectiveSSM, torch_layers.SSM: SSM,
+         torch_layers.Conv1d: Conv1d, torch_layers.RMSNorm: RMSNorm}
+
+
+def swap(module) -> bool:
+    """Turn a torch layer into its Triton subclass in place; False when there is none."""
+    cls = SWAPS.get(type(module))
+    if cls is None:
+        return False
+    module.__class__ = cls
+    return True
