@@ -349,4 +349,4 @@ def test_benchmark_runs_tiny_on_the_interpreter():
     out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_scan.py"), "--tiny"],
                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "selective scan" in out.stdout and "max |triton - torch|" in out.stdout
+    assert "selective scan" in out.stdout and "max |triton - torch|" in out.stdout and "associative_scan" in out.stdout and "mambapy" in out.stdout
