@@ -345,7 +345,7 @@ def test_backend_object_and_emit():
 
 
 def test_benchmark_runs_tiny_on_the_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT, SEQC_NO_NUMBA="1")
     out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_scan.py"), "--tiny"],
                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]

@@ -47,11 +47,34 @@ def _np(n: int) -> int:
     return max(2, triton.next_power_of_2(int(n)))
 
 
-def _scan_config(dim: int, n: int, length: int, device) -> dict:
-    """BLOCK_D and CHUNK of the scan kernels."""
+def default_assoc() -> bool:
+    """Within a chunk: tl.associative_scan or the sequential loop.  On the interpreter the
+    associative scan is measured faster (about 1.9x at L=16..32, benchmarks/gpu_scan.py --tiny);
+    no GPU has measured the two yet, so GPUs keep the loop (mamba_ssm's choice, small register tiles)."""
+    return codegen.interpreted()
+
+
+def _scan_config(dim: int, n: int, length: int, device, assoc: bool = False) -> dict:
+    """BLOCK_D and CHUNK of the scan kernels (fixed: no GPU has tuned them yet)."""
     if codegen.interpreted():
         return {"BLOCK_D": min(_np(dim), 8), "CHUNK": 8}
+    if assoc:       # a (CHUNK, BLOCK_D, N) tile lives in registers
+        return {"BLOCK_D": min(_np(dim), max(8, 256 // _np(n))), "CHUNK": 16}
     return {"BLOCK_D": min(_np(dim), max(16, 2048 // _np(n))), "CHUNK": 64}
+
+
+def _gpu_ms(fn, repeat: int = 3) -> float:
+    """Median milliseconds of fn() on the current CUDA device (after one warm-up call)."""
+    fn()
+    times = []
+    for _ in range(repeat):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
 
 
 def _ptr(t, like):
@@ -72,22 +95,32 @@ class _SelectiveScan(torch.autograd.Function):
         x0w = None if x0 is None else x0.to(work).contiguous()
         batch, length, dim = u.shape
         n = A.shape[1]
-        cfg = _scan_config(dim, n, length, u.device)
-        nchunks = triton.cdiv(max(length, 1), cfg["CHUNK"])
+        assoc = default_assoc() if assoc is None else bool(assoc)
         y = torch.empty(batch, length, dim, dtype=u.dtype if u.dtype in HALF else work, device=u.device)
         xL = torch.empty(batch, dim, n, dtype=work, device=u.device)
-        ckpt = torch.empty(batch, nchunks, dim, n, dtype=work, device=u.device)
         k = kernels(flags["disc"])
-        grid = (batch, triton.cdiv(dim, cfg["BLOCK_D"]))
-        if length == 0:
-            xL.copy_(x0w if x0w is not None else torch.zeros_like(xL))
-            ckpt.zero_()
-        else:
-            k.scan_fwd[grid](u, delta, Aw, B, C, _ptr(Dw, Aw), _ptr(z, u), _ptr(bw, Aw), _ptr(lengths, u),
-                             _ptr(x0w, Aw), Aw, Aw, Aw, Aw, y, xL, ckpt, length, dim, n,
-                             NP=_np(n), DELTA_BIAS=bw is not None, DELTA_SOFTPLUS=bool(flags["delta_softplus"]),
-                             D_SKIP=Dw is not None, GATE=z is not None, HAS_X0=x0w is not None,
-                             HAS_LENGTHS=lengths is not None, ASSOC=bool(assoc), LTI=False, **cfg)
+
+        def launch(cfg):
+            ckpt = torch.empty(batch, triton.cdiv(max(length, 1), cfg["CHUNK"]), dim, n, dtype=work, device=u.device)
+            if length == 0:
+                xL.copy_(x0w if x0w is not None else torch.zeros_like(xL))
+                ckpt.zero_()
+                return ckpt
+            k.scan_fwd[(batch, triton.cdiv(dim, cfg["BLOCK_D"]))](
+                u, delta, Aw, B, C, _ptr(Dw, Aw), _ptr(z, u), _ptr(bw, Aw), _ptr(lengths, u),
+                _ptr(x0w, Aw), Aw, Aw, Aw, Aw, y, xL, ckpt, length, dim, n,
+                NP=_np(n), DELTA_BIAS=bw is not None, DELTA_SOFTPLUS=bool(flags["delta_softplus"]),
+                D_SKIP=Dw is not None, GATE=z is not None, HAS_X0=x0w is not None,
+                HAS_LENGTHS=lengths is not None, ASSOC=assoc, LTI=False, **cfg)
+            return ckpt
+
+        cfg = _scan_config(dim, n, length, u.device, assoc)
+        if not codegen.interpreted() and length >= 1024:
+            cands = [cfg] + [dict(cfg, BLOCK_D=b) for b in (32, 64, 128, 256)
+                             if b != cfg["BLOCK_D"] and b <= _np(dim) and b * _np(n) <= 4096]
+            key = (dim, n, str(u.dtype), assoc, flags["disc"], 1 << (length.bit_length() - 1))
+            cfg = cache.block_sizes("scan_fwd", key, cands, bench=lambda c: _gpu_ms(lambda: launch(c)))
+        ckpt = launch(cfg)
         ctx.save_for_backward(u, delta, Aw, B, C, Dw, z, bw, lengths, ckpt)
         ctx.meta = (flags, cfg, A.dtype, None if D is None else D.dtype,
                     None if delta_bias is None else delta_bias.dtype, None if x0 is None else x0.dtype)
@@ -129,10 +162,11 @@ class _SelectiveScan(torch.autograd.Function):
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, state=None, lengths=None,
-                   delta_softplus=True, disc="mamba", assoc=False):
+                   delta_softplus=True, disc="mamba", assoc=None):
     """Mamba's selective scan in one fused kernel: y (b, L, D) and the final state (b, D, N).
 
-    A is the real (D, N) transition (``-exp(A_log)``); lengths (b,) ints or None."""
+    A is the real (D, N) transition (``-exp(A_log)``); lengths (b,) ints or None; assoc picks the
+    within-chunk scan (None: ``default_assoc()``)."""
     flags = {"delta_bias": delta_bias is not None, "delta_softplus": bool(delta_softplus), "disc": disc,
              "d_skip": D is not None, "gate": "silu" if z is not None else None}
     return _SelectiveScan.apply(u, delta, A, B, C, D, z, delta_bias, state, lengths, flags, assoc)

@@ -38,7 +38,7 @@ def _needs_grad(*tensors) -> bool:
 class SelectiveSSM(torch_layers.SelectiveSSM):
     """Mamba's selective scan through the generated fused kernels."""
 
-    assoc = True      # within a chunk: tl.associative_scan (True) or a sequential loop (False)
+    assoc = None      # within a chunk: tl.associative_scan / sequential loop / None = kernels.default_assoc()
 
     def _kernel_args(self):
         A = -torch.exp(self.A_log)
