@@ -211,13 +211,17 @@ def test_rmsnorm_with_residual_against_formula():
 
 
 def test_lti_kernel_against_complex_recurrence():
+    """Values, final state at each length, and gradients of every input against torch autograd
+    through a plain complex recurrence."""
     g = torch.Generator().manual_seed(5)
     b, L, H, S = 2, 10, 5, 3
-    a = torch.exp(torch.complex(-torch.rand(H, S, generator=g, dtype=F64), torch.randn(H, S, generator=g, dtype=F64)))
-    Bb, C = (torch.complex(torch.randn(H, S, generator=g, dtype=F64), torch.randn(H, S, generator=g, dtype=F64))
-             for _ in range(2))
-    u, D = torch.randn(b, L, H, generator=g, dtype=F64), torch.randn(H, generator=g, dtype=F64)
-    state = torch.randn(b, H, S, 2, generator=g, dtype=F64)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=F64).requires_grad_()  # noqa: E731
+    ar = (-torch.rand(H, S, generator=g, dtype=F64)).requires_grad_()
+    ai, br, bi, cr, ci = r(H, S), r(H, S), r(H, S), r(H, S), r(H, S)
+    u, D, state = r(b, L, H), r(H), r(b, H, S, 2)
+    leaves = (u, ar, ai, br, bi, cr, ci, D, state)
+    a = torch.exp(torch.complex(ar, ai))
+    Bb, C = torch.complex(br, bi), torch.complex(cr, ci)
     lengths = torch.tensor([10, 4])
     y, xL = kernels.lti_scan(u, a, Bb, C, D, state, lengths)
     x, ys, finals = torch.complex(state[..., 0], state[..., 1]), [], {}
@@ -225,9 +229,15 @@ def test_lti_kernel_against_complex_recurrence():
         x = a * x + Bb * u[:, t, :, None]
         ys.append(2 * (C * x).sum(-1).real + D * u[:, t])
         finals[t + 1] = x
-    assert maxdiff(y, torch.stack(ys, 1)) < 1e-13
+    yr = torch.stack(ys, 1)
     want = torch.stack([finals[10][0], finals[4][1]])
-    assert maxdiff(xL, torch.stack([want.real, want.imag], -1)) < 1e-14
+    xr = torch.stack([want.real, want.imag], -1)
+    assert maxdiff(y, yr) < 1e-13 and maxdiff(xL, xr) < 1e-14
+    gy, gx = torch.randn(y.shape, generator=g, dtype=F64), torch.randn(xL.shape, generator=g, dtype=F64)
+    for name, p, q in zip(("u", "ar", "ai", "br", "bi", "cr", "ci", "D", "state"),
+                          torch.autograd.grad((y, xL), leaves, (gy, gx), retain_graph=True),
+                          torch.autograd.grad((yr, xr), leaves, (gy, gx))):
+        assert maxdiff(p, q) < 1e-12, name
 
 
 # -- whole models through build_module -----------------------------------------------------------
@@ -291,9 +301,15 @@ def test_s4d_example_scan_kernel():
         y0, st0 = ref(x, return_state=True, lengths=torch.tensor([12, 7]))
     assert maxdiff(y1[0], y0[0]) < 1e-12 and maxdiff(y1[1, :7], y0[1, :7]) < 1e-12
     assert maxdiff(st1["ssm"]["x"], st0["ssm"]["x"]) < 1e-12
-    xg = x.clone().requires_grad_()          # gradients: the torch path (the LTI kernel is forward only)
+    xg = x.clone().requires_grad_()
+    tri.ssm.last_plan = None
     y1, y0 = tri(xg), ref(xg)
-    assert maxdiff(torch.autograd.grad(y1.sum(), xg)[0], torch.autograd.grad(y0.sum(), xg)[0]) < 1e-12
+    assert tri.ssm.last_plan == "scan"
+    gy = torch.randn(y1.shape, generator=g, dtype=F64)
+    for (name, _), a, b in zip([("x", 0), *tri.named_parameters()],
+                               torch.autograd.grad(y1, [xg, *tri.parameters()], gy),
+                               torch.autograd.grad(y0, [xg, *ref.parameters()], gy)):
+        assert maxdiff(a, b) < 1e-11, name
 
 
 # -- derivation -> kernel -------------------------------------------------------------------------

@@ -354,6 +354,114 @@ def scan_step(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, x_p
         z = _load_row(z_ptr, b, DIM, offs_d, md, A.dtype)
     y = _epilogue(tl.sum(x * Ct[None, :], 1), u, Dv, z, D_SKIP, GATE)
     tl.store(y_ptr + b * DIM + offs_d, y, mask=md)
+
+
+@triton.jit
+def lti_bwd(u_ptr, Ar_ptr, Ai_ptr, Br_ptr, Bi_ptr, Cr_ptr, Ci_ptr, D_ptr, len_ptr, ckpt_ptr, gy_ptr, gx_ptr,
+            ws_ptr, du_ptr, da_ptr, dB_ptr, dC_ptr, dD_ptr, dx0_ptr, L, DIM, N,
+            NP: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr, D_SKIP: tl.constexpr,
+            HAS_GX: tl.constexpr, HAS_LENGTHS: tl.constexpr):
+    """Backward of scan_fwd[LTI]: G_t = dL/dx_t (re + i im) runs G_t = conj(a) G_{t+1} + 2 gy_t conj(C)
+    (+ the final-state gradient at t = length - 1); du = Re(G conj(Bbar)) + D gy,
+    da = sum G_t conj(x_{t-1}), dBbar = sum G_t u_t, dC = 2 sum gy_t conj(x_t).  States are recomputed
+    chunk by chunk from the checkpoints into the scratch tile ws.  Parameter gradients are per-batch
+    partials (b, 2, H, S) and (b, H)."""
+    b = tl.program_id(0)
+    pd = tl.program_id(1)
+    nblocks = tl.num_programs(1)
+    offs_d = pd * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, NP)
+    md = offs_d < DIM
+    mn = offs_n < N
+    m2 = md[:, None] & mn[None, :]
+    dn = offs_d[:, None] * N + offs_n[None, :]
+    DN = DIM * N
+    T = BLOCK_D * NP
+    tile = tl.arange(0, BLOCK_D)[:, None] * NP + offs_n[None, :]
+    ws = ws_ptr + (b * nblocks + pd) * (CHUNK + 1) * 2 * T
+    Ar = tl.load(Ar_ptr + dn, mask=m2, other=0.0)
+    Ai = tl.load(Ai_ptr + dn, mask=m2, other=0.0)
+    Br = tl.load(Br_ptr + dn, mask=m2, other=0.0)
+    Bi = tl.load(Bi_ptr + dn, mask=m2, other=0.0)
+    Cr = tl.load(Cr_ptr + dn, mask=m2, other=0.0)
+    Ci = tl.load(Ci_ptr + dn, mask=m2, other=0.0)
+    Dv = tl.zeros((BLOCK_D,), dtype=Ar.dtype)
+    if D_SKIP:
+        Dv = tl.load(D_ptr + offs_d, mask=md, other=0.0)
+    gxr = tl.zeros((BLOCK_D, NP), dtype=Ar.dtype)
+    gxi = tl.zeros((BLOCK_D, NP), dtype=Ar.dtype)
+    if HAS_GX:
+        gxr = tl.load(gx_ptr + b * 2 * DN + dn, mask=m2, other=0.0).to(Ar.dtype)
+        gxi = tl.load(gx_ptr + b * 2 * DN + DN + dn, mask=m2, other=0.0).to(Ar.dtype)
+    length = L
+    if HAS_LENGTHS:
+        length = tl.load(len_ptr + b)
+    Gr = tl.zeros((BLOCK_D, NP), dtype=Ar.dtype)
+    Gi = tl.zeros((BLOCK_D, NP), dtype=Ar.dtype)
+    dar = tl.zeros((BLOCK_D, NP), dtype=Ar.dtype)
+    dai = tl.zeros((BLOCK_D, NP), dtype=Ar.dtype)
+    dbr = tl.zeros((BLOCK_D, NP), dtype=Ar.dtype)
+    dbi = tl.zeros((BLOCK_D, NP), dtype=Ar.dtype)
+    dcr = tl.zeros((BLOCK_D, NP), dtype=Ar.dtype)
+    dci = tl.zeros((BLOCK_D, NP), dtype=Ar.dtype)
+    dD_acc = tl.zeros((BLOCK_D,), dtype=Ar.dtype)
+    nchunks = tl.cdiv(L, CHUNK)
+    for cc in range(nchunks):
+        c = nchunks - 1 - cc
+        t0 = c * CHUNK
+        t1 = tl.minimum(L, t0 + CHUNK)
+        base = (b * nchunks + c) * 2 * DN
+        xr = tl.load(ckpt_ptr + base + dn, mask=m2, other=0.0)
+        xi = tl.load(ckpt_ptr + base + DN + dn, mask=m2, other=0.0)
+        tl.store(ws + tile, xr)
+        tl.store(ws + T + tile, xi)
+        for t in range(t0, t1):
+            u = _load_row(u_ptr, b * L + t, DIM, offs_d, md, Ar.dtype)[:, None]
+            xn = Ar * xr - Ai * xi + Br * u
+            xi = Ar * xi + Ai * xr + Bi * u
+            xr = xn
+            tl.store(ws + (t - t0 + 1) * 2 * T + tile, xr)
+            tl.store(ws + (t - t0 + 1) * 2 * T + T + tile, xi)
+        for k in range(t1 - t0):
+            t = t1 - 1 - k
+            row = b * L + t
+            u = _load_row(u_ptr, row, DIM, offs_d, md, Ar.dtype)
+            gy = _load_row(gy_ptr, row, DIM, offs_d, md, Ar.dtype)
+            xr_t = tl.load(ws + (t - t0 + 1) * 2 * T + tile)
+            xi_t = tl.load(ws + (t - t0 + 1) * 2 * T + T + tile)
+            xr_p = tl.load(ws + (t - t0) * 2 * T + tile)
+            xi_p = tl.load(ws + (t - t0) * 2 * T + T + tile)
+            g2 = 2.0 * gy[:, None]
+            last = t == length - 1
+            Gr = Gr + g2 * Cr + tl.where(last, gxr, 0.0)
+            Gi = Gi - g2 * Ci + tl.where(last, gxi, 0.0)
+            dcr += g2 * xr_t
+            dci -= g2 * xi_t
+            du = tl.sum(Gr * Br + Gi * Bi, 1)
+            if D_SKIP:
+                du += Dv * gy
+                dD_acc += gy * u
+            dbr += Gr * u[:, None]
+            dbi += Gi * u[:, None]
+            dar += Gr * xr_p + Gi * xi_p
+            dai += Gi * xr_p - Gr * xi_p
+            tl.store(du_ptr + row * DIM + offs_d, du, mask=md)
+            Gn = Ar * Gr + Ai * Gi
+            Gi = Ar * Gi - Ai * Gr
+            Gr = Gn
+    if HAS_LENGTHS:
+        Gr += tl.where(length == 0, gxr, 0.0)
+        Gi += tl.where(length == 0, gxi, 0.0)
+    out = b * 2 * DN
+    tl.store(dx0_ptr + out + dn, Gr, mask=m2)
+    tl.store(dx0_ptr + out + DN + dn, Gi, mask=m2)
+    tl.store(da_ptr + out + dn, dar, mask=m2)
+    tl.store(da_ptr + out + DN + dn, dai, mask=m2)
+    tl.store(dB_ptr + out + dn, dbr, mask=m2)
+    tl.store(dB_ptr + out + DN + dn, dbi, mask=m2)
+    tl.store(dC_ptr + out + dn, dcr, mask=m2)
+    tl.store(dC_ptr + out + DN + dn, dci, mask=m2)
+    tl.store(dD_ptr + b * DIM + offs_d, dD_acc, mask=md)
 '''
 
 CONV = '''

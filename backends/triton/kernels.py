@@ -8,7 +8,7 @@ module for a discretization, from the on-disk cache), and
   (``_SelectiveScan``);
 * ``selective_step(...)``: one token, the state tensor updated in place;
 * ``lti_scan(u, a, Bbar, C, D, state, lengths)``: the complex diagonal LTI
-  recurrence (forward only; the layer keeps torch's path when gradients are needed);
+  recurrence with gradients to u, a, Bbar, C, D and the state (``_LTIScan``);
 * ``conv1d(x, weight, bias, window, activation)`` (``_Conv1d``);
 * ``rmsnorm(x, weight, eps, residual=None)`` (``_RMSNorm``) -> ``y`` or ``(y, x + residual)``.
 
@@ -192,32 +192,72 @@ def selective_step(u, delta, A, B, C, D=None, z=None, delta_bias=None, state=Non
     return y, state
 
 
+class _LTIScan(torch.autograd.Function):
+    """(u, a_re, a_im, Bbar_re, Bbar_im, C_re, C_im, D, x0) -> (y, x_L) through scan_fwd[LTI] / lti_bwd."""
+
+    @staticmethod
+    def forward(ctx, u, ar, ai, br, bi, cr, ci, D, x0, lengths, method):
+        work = work_dtype(u, ar)
+        u, lengths = _c(u), _c(lengths)
+        batch, length, dim = u.shape
+        s = ar.shape[1]
+        parts = [t.to(work).contiguous() for t in (ar, ai, br, bi, cr, ci)]
+        Dw = None if D is None else D.to(work).contiguous()
+        x0w = None if x0 is None else x0.to(work).permute(0, 3, 1, 2).contiguous()   # (b, 2, H, S)
+        cfg = _scan_config(dim, s, length, u.device)
+        nchunks = triton.cdiv(max(length, 1), cfg["CHUNK"])
+        y = torch.empty(batch, length, dim, dtype=u.dtype if u.dtype in HALF else work, device=u.device)
+        xL = torch.empty(batch, 2, dim, s, dtype=work, device=u.device)
+        ckpt = torch.empty(batch, nchunks, 2, dim, s, dtype=work, device=u.device)
+        if length == 0:
+            xL.copy_(x0w if x0w is not None else torch.zeros_like(xL))
+        else:
+            kernels(method).scan_fwd[(batch, triton.cdiv(dim, cfg["BLOCK_D"]))](
+                u, u, parts[0], parts[2], parts[3], _ptr(Dw, parts[0]), u, parts[0], _ptr(lengths, u),
+                _ptr(x0w, parts[0]), parts[0], parts[1], parts[4], parts[5], y, xL, ckpt, length, dim, s,
+                NP=_np(s), DELTA_BIAS=False, DELTA_SOFTPLUS=False, D_SKIP=Dw is not None, GATE=False,
+                HAS_X0=x0w is not None, HAS_LENGTHS=lengths is not None, ASSOC=False, LTI=True, **cfg)
+        ctx.save_for_backward(u, *parts, Dw, lengths, ckpt)
+        ctx.meta = (method, cfg, [t.dtype for t in (ar, ai, br, bi, cr, ci)], None if D is None else D.dtype,
+                    None if x0 is None else x0.dtype)
+        return y, xL.permute(0, 2, 3, 1)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gy, gx):
+        u, ar, ai, br, bi, cr, ci, Dw, lengths, ckpt = ctx.saved_tensors
+        method, cfg, dtypes, d_dtype, x0_dtype = ctx.meta
+        batch, length, dim = u.shape
+        s = ar.shape[1]
+        work = ar.dtype
+        f = dict(dtype=work, device=u.device)
+        blocks = triton.cdiv(dim, cfg["BLOCK_D"])
+        gy = torch.zeros(batch, length, dim, **f) if gy is None else gy.contiguous()
+        gxw = None if gx is None else gx.to(work).permute(0, 3, 1, 2).contiguous()
+        du = torch.empty(batch, length, dim, **f)
+        da, dB, dC, dx0 = (torch.zeros(batch, 2, dim, s, **f) for _ in range(4))
+        dD = torch.zeros(batch, dim, **f)
+        if length == 0:
+            if gxw is not None:
+                dx0.copy_(gxw)
+        else:
+            ws = torch.empty(batch, blocks, cfg["CHUNK"] + 1, 2, cfg["BLOCK_D"], _np(s), **f)
+            kernels(method).lti_bwd[(batch, blocks)](
+                u, ar, ai, br, bi, cr, ci, _ptr(Dw, ar), _ptr(lengths, u), ckpt, gy, _ptr(gxw, ar), ws,
+                du, da, dB, dC, dD, dx0, length, dim, s, NP=_np(s), BLOCK_D=cfg["BLOCK_D"], CHUNK=cfg["CHUNK"],
+                D_SKIP=Dw is not None, HAS_GX=gxw is not None, HAS_LENGTHS=lengths is not None)
+        da, dB, dC = (t.sum(0) for t in (da, dB, dC))
+        grads = [g.to(dt) for g, dt in zip((da[0], da[1], dB[0], dB[1], dC[0], dC[1]), dtypes)]
+        return (du.to(u.dtype), *grads, None if Dw is None else dD.sum(0).to(d_dtype),
+                None if x0_dtype is None else dx0.permute(0, 2, 3, 1).to(x0_dtype), None, None)
+
+
 def lti_scan(u, a, Bbar, C, D=None, state=None, lengths=None, disc="zoh"):
     """The complex diagonal LTI recurrence x_t = a x_{t-1} + Bbar u_t, y = 2 Re <C, x> + D u.
 
-    a, Bbar, C: complex (H, S); state (b, H, S, 2) as (re, im).  Forward only (no autograd)."""
-    work = work_dtype(u, a.real)
-    u, lengths = _c(u), _c(lengths)
-    batch, length, dim = u.shape
-    s = a.shape[1]
-    parts = [t.to(work).contiguous() for t in (a.real, a.imag, Bbar.real, Bbar.imag, C.real, C.imag)]
-    Dw = None if D is None else D.to(work).contiguous()
-    x0 = None if state is None else state.to(work).permute(0, 3, 1, 2).contiguous()   # (b, 2, H, S)
-    cfg = _scan_config(dim, s, length, u.device)
-    cfg["CHUNK"] = max(cfg["CHUNK"], 1)
-    nchunks = triton.cdiv(max(length, 1), cfg["CHUNK"])
-    y = torch.empty(batch, length, dim, dtype=u.dtype if u.dtype in HALF else work, device=u.device)
-    xL = torch.empty(batch, 2, dim, s, dtype=work, device=u.device)
-    ckpt = torch.empty(batch, nchunks, 2, dim, s, dtype=work, device=u.device)
-    if length == 0:
-        xL.copy_(x0 if x0 is not None else torch.zeros_like(xL))
-    else:
-        kernels(disc).scan_fwd[(batch, triton.cdiv(dim, cfg["BLOCK_D"]))](
-            u, u, parts[0], parts[2], parts[3], _ptr(Dw, parts[0]), u, parts[0], _ptr(lengths, u),
-            _ptr(x0, parts[0]), parts[0], parts[1], parts[4], parts[5], y, xL, ckpt, length, dim, s,
-            NP=_np(s), DELTA_BIAS=False, DELTA_SOFTPLUS=False, D_SKIP=Dw is not None, GATE=False,
-            HAS_X0=x0 is not None, HAS_LENGTHS=lengths is not None, ASSOC=False, LTI=True, **cfg)
-    return y, xL.permute(0, 2, 3, 1)
+    a, Bbar, C: complex (H, S) (gradients flow to their real and imaginary parts);
+    state (b, H, S, 2) as (re, im).  Returns y (b, L, H) and the final state (b, H, S, 2)."""
+    return _LTIScan.apply(u, a.real, a.imag, Bbar.real, Bbar.imag, C.real, C.imag, D, state, lengths, disc)
 
 
 # -- conv1d ---------------------------------------------------------------------------------

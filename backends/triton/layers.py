@@ -10,8 +10,9 @@ Triton one in place (``module.__class__``), keeping its ``state_dict``.
   contraction, D skip, silu gate) with a fused backward; ``step`` is the
   single-token kernel, updating the given state tensor in place.
 * ``SSM`` (kind ``diag``, plans scan / recurrent): the complex diagonal
-  recurrence kernel; the kernel has no backward, so when gradients are
-  needed, and for the FFT ``conv`` plan and the other kinds, the torch path runs.
+  recurrence kernel and its backward (the discretization of the parameters
+  stays in torch: O(H N) work, differentiated by autograd); the FFT ``conv``
+  plan and the other kinds run the torch path.
 * ``Conv1d``: causal depthwise convolution with the activation fused, forward
   and backward kernels (activations without a kernel run in torch).
 * ``RMSNorm``: the RMSNorm kernel, forward and backward.
@@ -75,11 +76,11 @@ class SSM(torch_layers.SSM):
     """The LTI SSM; kind diag with a scan / recurrent plan runs the complex recurrence kernel."""
 
     def _kernel_plan(self, u):
-        if self.attrs["kind"] != "diag" or _needs_grad(u, *self.parameters()):
+        if self.attrs["kind"] != "diag":
             return False
         plan = self.plan
         if plan == "auto" and self.plan_for is not None:
-            plan = self.plan_for(u.shape[0], u.shape[1], False)
+            plan = self.plan_for(u.shape[0], u.shape[1], _needs_grad(u, *self.parameters()))
         return plan in ("scan", "recurrent")
 
     def forward(self, u, state=None, return_state=False, lengths=None):

@@ -55,7 +55,7 @@ def region_flags(node) -> dict | None:
     return None
 
 
-KERNELS = {"selective_ssm": "scan_fwd, scan_bwd, scan_step", "ssm": "scan_fwd[LTI] (forward; backward in torch)",
+KERNELS = {"selective_ssm": "scan_fwd, scan_bwd, scan_step", "ssm": "scan_fwd[LTI], lti_bwd",
            "conv1d": "conv_fwd, conv_bwd_pre, conv_bwd_input", "rmsnorm": "rmsnorm_fwd, rmsnorm_bwd"}
 
 
