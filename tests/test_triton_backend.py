@@ -197,6 +197,21 @@ def test_conv1d_forward_backward_against_f_conv1d(act):
         assert maxdiff(a, r) < 1e-12
 
 
+def test_conv1d_step_kernel_shifts_the_window_in_place():
+    g = torch.Generator().manual_seed(9)
+    b, d, k = 2, 6, 4
+    x, w, bias = (torch.randn(*s, generator=g, dtype=F64) for s in ((b, 3, d), (d, 1, k), (d,)))
+    window = torch.randn(b, d, k - 1, generator=g, dtype=F64)
+    mine = window.clone()
+    for t in range(3):
+        y, out = kernels.conv1d_step(x[:, t], w, bias, mine, "silu")
+        assert out.data_ptr() == mine.data_ptr()
+        full = torch.cat([window, x[:, t, :, None]], -1)
+        assert maxdiff(y, F.silu((full * w[:, 0]).sum(-1) + bias)) < 1e-14
+        window = full[..., 1:]
+        assert maxdiff(mine, window) == 0
+
+
 def test_rmsnorm_with_residual_against_formula():
     g = torch.Generator().manual_seed(4)
     x, r = (torch.randn(2, 5, 6, generator=g, dtype=F64, requires_grad=True) for _ in range(2))
@@ -251,7 +266,7 @@ def _models(spec, params, mode="auto", dtype=F64):
 MAMBA = dict(n_layers=1, d_model=4, d_state=4, expand=2, d_conv=3)
 
 
-def test_mamba_example_values_gradients_state_and_lengths():
+def test_mamba_example_values_gradients_state_and_lengths(monkeypatch):
     ref, tri, _ = _models("mamba.seq", MAMBA)
     assert list(ref.state_dict()) == list(tri.state_dict())
     kinds = {type(m).__module__.rsplit(".", 1)[-1] + "." + type(m).__name__ for m in tri.modules()}
@@ -282,12 +297,17 @@ def test_mamba_example_values_gradients_state_and_lengths():
     for k in st0:
         for name in st0[k]:
             assert maxdiff(st1[k][name], st0[k][name]) < 1e-13
+    used = []
+    for name in ("selective_step", "conv1d_step"):
+        real = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, _real=real, _name=name, **k: used.append(_name) or _real(*a, **k))
     with torch.no_grad():
         s1 = tri.init_state(2)
         for t in range(4):
             a, s1 = tri.step(x[:, t], s1)
             b, s0 = ref.step(x[:, t], s0)
             assert maxdiff(a, b) < 1e-13
+    assert used.count("selective_step") == 4 and used.count("conv1d_step") == 4
 
 
 def test_s4d_example_scan_kernel():
@@ -301,6 +321,12 @@ def test_s4d_example_scan_kernel():
         y0, st0 = ref(x, return_state=True, lengths=torch.tensor([12, 7]))
     assert maxdiff(y1[0], y0[0]) < 1e-12 and maxdiff(y1[1, :7], y0[1, :7]) < 1e-12
     assert maxdiff(st1["ssm"]["x"], st0["ssm"]["x"]) < 1e-12
+    with torch.no_grad():
+        s1, s0 = tri.init_state(2), ref.init_state(2)
+        for t in range(3):
+            a, s1 = tri.step(x[:, t], s1)
+            b, s0 = ref.step(x[:, t], s0)
+            assert maxdiff(a, b) < 1e-13 and maxdiff(s1["ssm"]["x"], s0["ssm"]["x"]) < 1e-13
     xg = x.clone().requires_grad_()
     tri.ssm.last_plan = None
     y1, y0 = tri(xg), ref(xg)

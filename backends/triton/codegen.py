@@ -568,7 +568,33 @@ def conv_bwd_input(dpre_ptr, w_ptr, dxp_ptr, L, DIM, K: tl.constexpr, BLOCK_L: t
         acc += g * tl.load(w_ptr + offs_d * K + k, mask=md, other=0.0).to(dtype)[None, :]
     tl.store(dxp_ptr + ((b * (L + K - 1) + offs_s) * DIM)[:, None] + offs_d[None, :], acc,
              mask=(offs_s < L + K - 1)[:, None] & md[None, :])
+
+
+@triton.jit
+def conv_step(x_ptr, win_ptr, w_ptr, bias_ptr, y_ptr, DIM, K: tl.constexpr, KP: tl.constexpr,
+              BIAS: tl.constexpr, ACT: tl.constexpr, BLOCK_D: tl.constexpr, F64: tl.constexpr):
+    """One token: y = act(<w, [window, x_t]> + bias); the window (b, D, K - 1) shifts in place."""
+    b = tl.program_id(0)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_k = tl.arange(0, KP)
+    md = offs_d < DIM
+    dtype = tl.float64 if F64 else tl.float32
+    x = tl.load(x_ptr + b * DIM + offs_d, mask=md, other=0.0).to(dtype)
+    wrow = win_ptr + (b * DIM + offs_d)[:, None] * (K - 1) + offs_k[None, :]
+    full = tl.load(wrow, mask=md[:, None] & (offs_k < K - 1)[None, :], other=0.0).to(dtype)
+    full = tl.where((offs_k == K - 1)[None, :], x[:, None], full)                  # [window, x_t]
+    w = tl.load(w_ptr + offs_d[:, None] * K + offs_k[None, :], mask=md[:, None] & (offs_k < K)[None, :],
+                other=0.0).to(dtype)
+    y = tl.sum(full * w, 1)
+    if BIAS:
+        y += tl.load(bias_ptr + offs_d, mask=md, other=0.0).to(dtype)
+    tl.store(y_ptr + b * DIM + offs_d, _act(y, ACT), mask=md)
+    shifted = tl.load(wrow + 1, mask=md[:, None] & (offs_k < K - 2)[None, :], other=0.0).to(dtype)
+    shifted = tl.where((offs_k == K - 2)[None, :], x[:, None], shifted)
+    tl.debug_barrier()          # every lane has read the old window before any writes it
+    tl.store(wrow, shifted, mask=md[:, None] & (offs_k < K - 1)[None, :])
 '''
+
 
 NORM = '''
 @triton.jit

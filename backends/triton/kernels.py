@@ -325,6 +325,22 @@ def conv1d(x, weight, bias=None, window=None, activation="identity", method="mam
     return _Conv1d.apply(xp, weight, bias, codegen.ACTIVATION_CODES[activation], method), xp
 
 
+def conv1d_step(x_t, weight, bias, window, activation="identity", method="mamba"):
+    """One token through the causal depthwise conv: y (b, D); `window` (b, D, K - 1), contiguous,
+    is shifted in place (its oldest input dropped, x_t appended) and returned."""
+    batch, dim = x_t.shape
+    taps = weight.shape[-1]
+    work = work_dtype(x_t, weight)
+    w = weight.reshape(dim, taps).to(work).contiguous()
+    y = torch.empty(batch, dim, dtype=x_t.dtype if x_t.dtype in HALF else work, device=x_t.device)
+    block = min(_np(dim), 8 if codegen.interpreted() else 128)
+    kernels(method).conv_step[(batch, triton.cdiv(dim, block))](
+        _c(x_t), window, w, _ptr(None if bias is None else bias.to(work).contiguous(), w), y, dim, K=taps,
+        KP=_np(taps), BIAS=bias is not None, ACT=codegen.ACTIVATION_CODES[activation], BLOCK_D=block,
+        F64=work == torch.float64)
+    return y, window
+
+
 # -- rmsnorm --------------------------------------------------------------------------------
 
 

@@ -8,7 +8,8 @@ Triton one in place (``module.__class__``), keeping its ``state_dict``.
 * ``SelectiveSSM``: ``forward`` is one fused kernel (prologue: delta bias,
   softplus, ``lengths`` mask, discretization; recurrence; epilogue: C
   contraction, D skip, silu gate) with a fused backward; ``step`` is the
-  single-token kernel, updating the given state tensor in place.
+  single-token kernel, updating the given state tensor in place (``Conv1d.step``
+  likewise shifts its window in place).
 * ``SSM`` (kind ``diag``, plans scan / recurrent): the complex diagonal
   recurrence kernel and its backward (the discretization of the parameters
   stays in torch: O(H N) work, differentiated by autograd); the FFT ``conv``
@@ -83,8 +84,15 @@ class SSM(torch_layers.SSM):
             plan = self.plan_for(u.shape[0], u.shape[1], _needs_grad(u, *self.parameters()))
         return plan in ("scan", "recurrent")
 
-    def forward(self, u, state=None, return_state=False, lengths=None):
-        if not self._kernel_plan(u):
+    def step(self, u_t, state=None):
+        """One token through the LTI kernel (a sequence of length 1 from the given state)."""
+        if self.attrs["kind"] != "diag":
+            return super().step(u_t, state=state)
+        y, new_state = self.forward(u_t.unsqueeze(1), state=state, return_state=True, plan="scan")
+        return y[:, 0], new_state
+
+    def forward(self, u, state=None, return_state=False, lengths=None, plan=None):
+        if plan is None and not self._kernel_plan(u):
             return super().forward(u, state=state, return_state=return_state, lengths=lengths)
         lengths = check_lengths(lengths, u)
         work = kernels.work_dtype(u, self.D)
@@ -109,6 +117,21 @@ class Conv1d(torch_layers.Conv1d):
             return y
         taps = self.weight.shape[-1]
         return y, {"window": self._last_inputs(xp.transpose(1, 2), lengths, taps - 1)}
+
+
+    def step(self, x_t, state=None):
+        bias = getattr(self, "bias", None)
+        taps = self.weight.shape[-1]
+        if (self.attrs["activation"] not in codegen.ACTIVATION_CODES or taps < 2
+                or _needs_grad(x_t, self.weight, bias)):
+            return super().step(x_t, state=state)
+        window = None if state is None else state["window"]
+        if window is None:
+            window = x_t.new_zeros(x_t.shape[0], x_t.shape[1], taps - 1)
+        elif window.dtype != x_t.dtype or not window.is_contiguous():
+            window = window.to(x_t.dtype).contiguous()
+        y, window = kernels.conv1d_step(x_t, self.weight, bias, window, self.attrs["activation"])
+        return y, {"window": window}
 
 
 class RMSNorm(torch_layers.RMSNorm):
