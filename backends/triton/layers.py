@@ -42,34 +42,48 @@ class SelectiveSSM(torch_layers.SelectiveSSM):
 
     assoc = None      # within a chunk: tl.associative_scan / sequential loop / None = kernels.default_assoc()
 
+    def flags(self) -> dict:
+        """The kernel specialisation: the fusion region's flags when the compiler attached a region
+        (``configure``), else the same dict built from the layer's attributes."""
+        region = getattr(self, "region", None)
+        flags = getattr(region, "flags", None)
+        if isinstance(flags, dict) and "disc" in flags:
+            return flags
+        return {"delta_bias": bool(self.attrs["delta_bias"]), "delta_softplus": bool(self.attrs["delta_softplus"]),
+                "disc": self.attrs["disc"], "d_skip": True, "gate": "silu"}
+
     def _kernel_args(self):
         A = -torch.exp(self.A_log)
         bias = self.delta_bias if self.attrs["delta_bias"] else None
         return A, bias
 
     def forward(self, u, delta, B, C, z=None, state=None, return_state=False, lengths=None):
-        if self.attrs["disc"] not in SCAN_DISCS:
+        flags = self.flags()
+        if flags["disc"] not in SCAN_DISCS:
             return super().forward(u, delta, B, C, z, state=state, return_state=return_state, lengths=lengths)
         lengths = check_lengths(lengths, u)
         with no_autocast(u):
             A, bias = self._kernel_args()
             x0 = None if state is None else state["x"]
-            y, x = kernels.selective_scan(u, delta, A, B, C, self.D, z, bias, x0, lengths,
-                                          delta_softplus=self.attrs["delta_softplus"], disc=self.attrs["disc"],
+            y, x = kernels.selective_scan(u, delta, A, B, C, self.D if flags["d_skip"] else None,
+                                          z if flags["gate"] else None, bias, x0, lengths,
+                                          delta_softplus=flags["delta_softplus"], disc=flags["disc"],
                                           assoc=self.assoc)
         return (y, {"x": x}) if return_state else y
 
     def step(self, u_t, delta_t, B_t, C_t, z_t=None, state=None):
         A, bias = self._kernel_args()
-        if self.attrs["disc"] not in SCAN_DISCS or _needs_grad(u_t, delta_t, B_t, C_t, z_t, A, self.D, bias):
+        flags = self.flags()
+        if flags["disc"] not in SCAN_DISCS or _needs_grad(u_t, delta_t, B_t, C_t, z_t, A, self.D, bias):
             return super().step(u_t, delta_t, B_t, C_t, z_t, state=state)
         acc = kernels.work_dtype(u_t, A)
         x = None if state is None else state["x"]
         if x is not None and (x.dtype != acc or not x.is_contiguous()):
             x = x.to(acc).contiguous()
         with no_autocast(u_t):
-            y, x = kernels.selective_step(u_t, delta_t, A, B_t, C_t, self.D, z_t, bias, x,
-                                          delta_softplus=self.attrs["delta_softplus"], disc=self.attrs["disc"])
+            y, x = kernels.selective_step(u_t, delta_t, A, B_t, C_t, self.D if flags["d_skip"] else None,
+                                          z_t if flags["gate"] else None, bias, x,
+                                          delta_softplus=flags["delta_softplus"], disc=flags["disc"])
         return y, {"x": x}
 
 
