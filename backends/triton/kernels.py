@@ -23,6 +23,8 @@ import functools
 import torch
 import triton
 
+from seqc.discretization import derivation
+
 from . import cache, codegen
 
 HALF = (torch.float16, torch.bfloat16)
@@ -30,9 +32,16 @@ FLAG_NAMES = ("delta_bias", "delta_softplus", "disc", "d_skip", "gate")
 
 
 def kernels(method: str):
-    """The generated module (``scan_fwd``, ``scan_bwd``, ...) for discretization `method`."""
-    source = codegen.module_source(method)
-    return cache.load(source, key=f"interpret={codegen.interpreted()}")
+    """The generated module (``scan_fwd``, ``scan_bwd``, ...) for discretization `method`.
+
+    Keyed by the current derivation, so ``seqc.discretization.override`` regenerates it; sympy runs
+    once per (derivation, interpreter or GPU), not per call."""
+    return _module(method, codegen.interpreted(), derivation("diag", method))
+
+
+@functools.lru_cache(maxsize=64)
+def _module(method: str, interpret: bool, _derivation):
+    return cache.load(codegen.module_source(method, interpret), key=f"interpret={interpret}")
 
 
 def work_dtype(*tensors) -> torch.dtype:
