@@ -21,7 +21,7 @@ if not torch.cuda.is_available():
 
 pytest.importorskip("triton")
 
-from conftest import ROOT, example  # noqa: E402
+from conftest import EXAMPLES, ROOT, example  # noqa: E402
 
 import seqc  # noqa: E402,F401
 from seqc import discretization  # noqa: E402
@@ -335,6 +335,30 @@ def test_s4d_example_scan_kernel():
                                torch.autograd.grad(y1, [xg, *tri.parameters()], gy),
                                torch.autograd.grad(y0, [xg, *ref.parameters()], gy)):
         assert maxdiff(a, b) < 1e-11, name
+
+
+SMALL = {"d_model": 8, "n_layers": 1, "d_state": 4, "n_heads": 2, "vocab": 11, "hidden": 8}
+
+
+@pytest.mark.parametrize("name", sorted(os.path.basename(p) for p in EXAMPLES))
+def test_every_example_agrees_with_the_torch_backend(name):
+    """Outputs and gradients (input and every parameter) of each example, Triton vs torch, float64."""
+    from seqc.inputs import random_inputs
+    path = example(name)
+    text = open(path).read().split("model", 1)[1].split(")", 1)[0]
+    params = {k: v for k, v in SMALL.items() if f"{k} =" in text}
+    ref, tri, graph = _models(name, params)
+    xs = [torch.as_tensor(x) for x in random_inputs(graph, 2, 9, np.random.default_rng(0))]
+    xs = [x.double().requires_grad_() if x.is_floating_point() else x for x in xs]
+    y1, y0 = tri(*xs), ref(*xs)
+    assert maxdiff(y1, y0) < 1e-12
+    gy = torch.randn(y1.shape, generator=torch.Generator().manual_seed(0), dtype=F64)
+    leaves1 = [x for x in xs if x.requires_grad] + list(tri.parameters())
+    leaves0 = [x for x in xs if x.requires_grad] + list(ref.parameters())
+    g1 = torch.autograd.grad(y1, leaves1, gy, allow_unused=True)
+    g0 = torch.autograd.grad(y0, leaves0, gy, allow_unused=True)
+    for a, b in zip(g1, g0):
+        assert (a is None) == (b is None) and (a is None or maxdiff(a, b) < 1e-10)
 
 
 # -- derivation -> kernel -------------------------------------------------------------------------
