@@ -78,18 +78,26 @@ def _const(value) -> tuple:
     return ("const", float(value))
 
 
+def _horner(coeffs, w):
+    """sum_k coeffs[k] w^k nested as c0 + w (c1 + w (c2 + ...)), so w = A*dt stays one product."""
+    out = coeffs[-1]
+    for c in reversed(coeffs[:-1]):
+        out = c + w * out
+    return out
+
+
 def _safe(expr):
     """Replace Phi1 / Phi1p by their printable piecewise forms."""
     def phi1_safe(w):
         small = sp.Abs(w, evaluate=False) < PHI1_TAYLOR_RADIUS
-        taylor = 1 + w / 2 + w**2 / 6 + w**3 / 24
+        taylor = _horner([sp.Rational(1, math.factorial(k + 1)) for k in range(4)], w)
         shifted = w + sp.Piecewise((1, small), (0, True))
         return sp.Piecewise((taylor, small), (sp.Function("expm1")(w) / shifted, True))
 
     def phi1p_safe(w):
         small = sp.Abs(w, evaluate=False) < PHI1P_TAYLOR_RADIUS
         # phi1'(z) = sum_k (k+1) z^k / (k+2)!
-        taylor = sum(sp.Rational(k + 1, math.factorial(k + 2)) * w**k for k in range(_PHI1P_TERMS))
+        taylor = _horner([sp.Rational(k + 1, math.factorial(k + 2)) for k in range(_PHI1P_TERMS)], w)
         shifted = w + sp.Piecewise((1, small), (0, True))
         closed = (w * sp.exp(w) - sp.Function("expm1")(w)) / shifted**2
         return sp.Piecewise((taylor, small), (closed, True))
