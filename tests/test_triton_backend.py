@@ -220,7 +220,8 @@ def test_rmsnorm_with_residual_against_formula():
     yr = sr / torch.sqrt(sr.pow(2).mean(-1, keepdim=True) + 1e-5) * w
     gy, gs = torch.randn_like(y), torch.randn_like(s)
     assert maxdiff(y, yr) < 1e-14 and maxdiff(s, sr) == 0
-    for a, b in zip(torch.autograd.grad((y, s), (x, r, w), (gy, gs)), torch.autograd.grad((yr, sr), (x, r, w), (gy, gs))):
+    for a, b in zip(torch.autograd.grad((y, s), (x, r, w), (gy, gs)),
+                    torch.autograd.grad((yr, sr), (x, r, w), (gy, gs))):
         assert maxdiff(a, b) < 1e-13
 
 
@@ -410,10 +411,40 @@ def test_backend_object_and_emit():
     _, tri, graph = _models("mamba.seq", MAMBA)
     text = backend.emit(graph)
     assert "@triton.jit" in text and "def scan_fwd(" in text and "def conv_fwd(" in text
-    assert "(selective_ssm): scan_fwd, scan_bwd, scan_step {'delta_bias': False, 'delta_softplus': True, 'disc': 'mamba', 'd_skip': True, 'gate': 'silu'}" in text
+    assert ("(selective_ssm): scan_fwd, scan_bwd, scan_step {'delta_bias': False, 'delta_softplus': True, "
+            "'disc': 'mamba', 'd_skip': True, 'gate': 'silu'}") in text
     assert "tl.exp((A * dt))" in text                     # the printed discretization of 'mamba'
     assert all(backend.supports(n) for n in graph.layers() if n.op in ("selective_ssm", "conv1d", "rmsnorm"))
     assert not any(backend.supports(n) for n in graph.layers() if n.op == "linear")
+
+
+def test_availability_reason_without_a_gpu_or_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert "TRITON_INTERPRET=1" in TritonBackend().available()
+
+
+def test_layers_without_a_kernel_keep_the_torch_path():
+    """conv1d with gelu (no kernel activation) runs torch's code, inside a Triton-built model."""
+    src = "model M(d = 4) {\n  input x: [B, L, d]\n  c = conv1d(x, kernel = 3, activation = gelu)\n  return c\n}\n"
+    graph = plan_graph(src, "torch")
+    weights = init_weights(graph, seed=0)
+    tri, ref = build_module(graph, weights).double(), torch_build(graph, weights).double()
+    x = torch.randn(2, 7, 4, dtype=F64)
+    assert type(tri.c).__module__.endswith("triton.layers")
+    assert maxdiff(tri(x), ref(x)) < 1e-14 and "c (conv1d): torch" in emit(graph)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or codegen.interpreted(), reason="needs a CUDA GPU (the "
+                    "interpreter cannot run libdevice.expm1 or time block sizes)")
+def test_gpu_kernels_with_libdevice_and_tuned_blocks():
+    """On a GPU: the libdevice source, tuned block sizes (L >= 1024) and bf16 against the torch scan."""
+    for disc, dtype, tol in (("zoh", torch.float32, 1e-4), ("mamba", torch.bfloat16, 3e-2)):
+        args = {k: v.detach().cuda() for k, v in scan_inputs(b=2, L=1500, d=64, n=16, dtype=dtype).items()}
+        y, x = kernels.selective_scan(**args, disc=disc)
+        yr, xr = scan.selective_scan(**{k: v.double() for k, v in args.items()}, disc=disc, return_state=True)
+        assert maxdiff(y, yr) < tol * max(1.0, float(yr.abs().max()))
+        assert maxdiff(x, xr) < 1e-4 * max(1.0, float(xr.abs().max()))
 
 
 def test_benchmark_runs_tiny_on_the_interpreter(capsys, monkeypatch):

@@ -404,7 +404,6 @@ def rmsnorm(x, weight, eps=1e-5, residual=None, method="mamba"):
     return y if residual is None else (y, s)
 
 
-@functools.lru_cache(maxsize=None)
 def available() -> str | None:
     """None when the kernels can run here, else the reason."""
     try:
