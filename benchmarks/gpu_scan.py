@@ -6,7 +6,8 @@ the forward's achieved bandwidth (bytes of u, delta, z, B, C read and y
 written) against the device's copy bandwidth measured in the same run, and
 the speedup over the torch backend's ``selective_scan`` on the same device.
 Also: the within-chunk variants (``tl.associative_scan`` vs a sequential
-loop), a Mamba stack forward+backward and per-token decoding against mambapy.
+loop) and the chunk-parallel forward, a Mamba stack forward+backward and
+per-token decoding against mambapy.
 
     python benchmarks/gpu_scan.py [--lengths 1024,4096,16384] [--dtypes float32,bfloat16]
     TRITON_INTERPRET=1 python benchmarks/gpu_scan.py --tiny     # CPU interpreter, tiny sizes (CI)
@@ -116,10 +117,11 @@ def chunk_variants(args, device, length, repeat):
     """tl.associative_scan within a chunk against the sequential in-register loop (forward)."""
     a = scan_args(args.batch, length, args.d_inner, args.d_state, torch.float32, device)
     with torch.no_grad():
-        assoc = time_ms(lambda: kernels.selective_scan(**a, assoc=True), device, repeat)
-        loop = time_ms(lambda: kernels.selective_scan(**a, assoc=False), device, repeat)
+        assoc = time_ms(lambda: kernels.selective_scan(**a, assoc=True, split=False), device, repeat)
+        loop = time_ms(lambda: kernels.selective_scan(**a, assoc=False, split=False), device, repeat)
+        split = time_ms(lambda: kernels.selective_scan(**a, split=True), device, repeat)
     print(f"within-chunk scan at L={length}: associative_scan {assoc:.3f} ms, sequential loop {loop:.3f} ms "
-          f"(loop / assoc = {loop / assoc:.2f})")
+          f"(loop / assoc = {loop / assoc:.2f}); chunk-parallel (split) forward {split:.3f} ms")
 
 
 def mamba_bench(args, device, length, repeat):

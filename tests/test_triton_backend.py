@@ -60,8 +60,8 @@ def scan_inputs(b=2, L=19, d=6, n=4, dtype=F64, seed=0):
 ORDER = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "state")
 
 
-def run_both(args, disc, assoc, lengths=None):
-    y, x = kernels.selective_scan(**args, lengths=lengths, disc=disc, assoc=assoc)
+def run_both(args, disc, assoc, lengths=None, split=False):
+    y, x = kernels.selective_scan(**args, lengths=lengths, disc=disc, assoc=assoc, split=split)
     ref_delta = args["delta"]
     ref_args = dict(args)
     if lengths is not None:     # the torch layer's masking: bias + softplus, then delta = 0 past the length
@@ -157,9 +157,12 @@ def test_selective_scan_bfloat16_accumulates_in_float32():
     assert all(g.dtype == v.dtype and torch.isfinite(g.float()).all() for g, v in zip(grads, leaves))
 
 
-def test_selective_scan_lengths():
+@pytest.mark.parametrize("split", [False, True])
+def test_selective_scan_lengths(split):
+    """Also the chunk-parallel forward (split): its carried chunk states are the backward's checkpoints."""
     lengths = torch.tensor([19, 6])
-    (y, x, g1), (yr, xr, g2) = run_both(scan_inputs(), "mamba", False, lengths=lengths)
+    (y, x, g1), (yr, xr, g2) = run_both(scan_inputs(), "zoh" if split else "mamba", False, lengths=lengths,
+                                        split=split)
     assert maxdiff(y, yr) < 1e-12 and maxdiff(x, xr) < 1e-12
     for name, a, b in zip(ORDER, g1, g2):
         assert maxdiff(a, b) < 1e-11, name

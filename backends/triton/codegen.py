@@ -12,6 +12,8 @@ Owns the kernel templates and their assembly.  A generated module holds:
   ``tl.associative_scan``, picked by ``ASSOC``), ``scan_bwd`` (recomputes a
   chunk's states from its checkpoint into a scratch tile, then runs the
   adjoint backwards) and ``scan_step`` (one token, state updated in place).
+  ``scan_chunk`` + ``scan_carry`` are the chunk-parallel forward (every chunk
+  its own program: summaries, a carry of the chunk states, a rescan).
   The prologue (delta bias, softplus, ``lengths`` mask, discretization) and
   the epilogue (C contraction, D skip, silu gate) are jit helpers switched by
   the region flags ``DELTA_BIAS, DELTA_SOFTPLUS, D_SKIP, GATE``; the
@@ -318,6 +320,85 @@ def scan_bwd(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, len_
     tl.store(dx0_ptr + b * DN + dn, h, mask=m2)
     tl.store(dA_ptr + b * DN + dn, dA_acc, mask=m2)
     tl.store(dD_ptr + b * DIM + offs_d, dD_acc, mask=md)
+
+
+@triton.jit
+def scan_chunk(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, len_ptr, ckpt_ptr, S_ptr, P_ptr,
+               y_ptr, L, DIM, N, NP: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
+               DELTA_BIAS: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr, D_SKIP: tl.constexpr,
+               GATE: tl.constexpr, HAS_LENGTHS: tl.constexpr, PHASE: tl.constexpr):
+    """The chunk-parallel forward, one program per (batch, channel block, chunk).
+
+    PHASE 1: scan the chunk from a zero state; store its end state S and its decay prod(a) P.
+    (scan_carry then chains the chunks: state before chunk c = P_{c-1} (state before c-1) + S_{c-1}.)
+    PHASE 3: rescan the chunk from its true start state (ckpt) and write y."""
+    b = tl.program_id(0)
+    pd = tl.program_id(1)
+    c = tl.program_id(2)
+    nchunks = tl.num_programs(2)
+    offs_d = pd * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, NP)
+    md = offs_d < DIM
+    mn = offs_n < N
+    m2 = md[:, None] & mn[None, :]
+    dn = offs_d[:, None] * N + offs_n[None, :]
+    DN = DIM * N
+    A = tl.load(A_ptr + dn, mask=m2, other=0.0)
+    Dv = tl.zeros((BLOCK_D,), dtype=A.dtype)
+    if D_SKIP:
+        Dv = tl.load(D_ptr + offs_d, mask=md, other=0.0).to(A.dtype)
+    bias = tl.zeros((BLOCK_D,), dtype=A.dtype)
+    if DELTA_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=md, other=0.0).to(A.dtype)
+    length = L
+    if HAS_LENGTHS:
+        length = tl.load(len_ptr + b)
+    chunk = (b * nchunks + c) * DN
+    x = tl.zeros((BLOCK_D, NP), dtype=A.dtype)
+    if PHASE == 3:
+        x = tl.load(ckpt_ptr + chunk + dn, mask=m2, other=0.0)
+    p = tl.full((BLOCK_D, NP), 1.0, A.dtype)
+    t0 = c * CHUNK
+    for t in range(t0, tl.minimum(L, t0 + CHUNK)):
+        row = b * L + t
+        u = _load_row(u_ptr, row, DIM, offs_d, md, A.dtype)
+        draw = _load_row(delta_ptr, row, DIM, offs_d, md, A.dtype)
+        Bt = _load_row(B_ptr, row, N, offs_n, mn, A.dtype)
+        dt = _prologue(draw, bias, t < length, DELTA_BIAS, DELTA_SOFTPLUS)
+        a, g = _disc(A, dt[:, None])
+        x = a * x + g * Bt[None, :] * u[:, None]
+        if PHASE == 1:
+            p = p * a
+        else:
+            Ct = _load_row(C_ptr, row, N, offs_n, mn, A.dtype)
+            z = u
+            if GATE:
+                z = _load_row(z_ptr, row, DIM, offs_d, md, A.dtype)
+            y = _epilogue(tl.sum(x * Ct[None, :], 1), u, Dv, z, D_SKIP, GATE)
+            tl.store(y_ptr + row * DIM + offs_d, y, mask=md)
+    if PHASE == 1:
+        tl.store(S_ptr + chunk + dn, x, mask=m2)
+        tl.store(P_ptr + chunk + dn, p, mask=m2)
+
+
+@triton.jit
+def scan_carry(S_ptr, P_ptr, x0_ptr, ckpt_ptr, xL_ptr, NCHUNKS, DIM, N, NP: tl.constexpr, BLOCK_D: tl.constexpr,
+               HAS_X0: tl.constexpr, F64: tl.constexpr):
+    """Chains the chunk summaries: ckpt[c] = state before chunk c, xL = state after the last."""
+    b = tl.program_id(0)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, NP)
+    m2 = (offs_d < DIM)[:, None] & (offs_n < N)[None, :]
+    dn = offs_d[:, None] * N + offs_n[None, :]
+    DN = DIM * N
+    x = tl.zeros((BLOCK_D, NP), dtype=tl.float64 if F64 else tl.float32)
+    if HAS_X0:
+        x = tl.load(x0_ptr + b * DN + dn, mask=m2, other=0.0).to(x.dtype)
+    for c in range(NCHUNKS):
+        chunk = (b * NCHUNKS + c) * DN
+        tl.store(ckpt_ptr + chunk + dn, x, mask=m2)
+        x = tl.load(P_ptr + chunk + dn, mask=m2, other=0.0) * x + tl.load(S_ptr + chunk + dn, mask=m2, other=0.0)
+    tl.store(xL_ptr + b * DN + dn, x, mask=m2)
 
 
 @triton.jit

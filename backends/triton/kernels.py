@@ -63,6 +63,15 @@ def default_assoc() -> bool:
     return codegen.interpreted()
 
 
+def default_split(programs: int, nchunks: int) -> bool:
+    """Chunk-parallel forward when (batch x channel blocks) programs cannot fill the GPU by
+    themselves (fewer than two per SM) and there are several chunks.  Never on the interpreter,
+    which runs programs one after another (the split only adds work there)."""
+    if codegen.interpreted() or nchunks < 2 or not torch.cuda.is_available():
+        return False
+    return programs < 2 * torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+
+
 def _scan_config(dim: int, n: int, length: int, device, assoc: bool = False) -> dict:
     """BLOCK_D and CHUNK of the scan kernels (fixed: no GPU has tuned them yet)."""
     if codegen.interpreted():
@@ -95,7 +104,7 @@ class _SelectiveScan(torch.autograd.Function):
     """(u, delta_raw, A, B, C, D, z, delta_bias, x0) -> (y, x_L) through scan_fwd / scan_bwd."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, x0, lengths, flags, assoc):
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, x0, lengths, flags, assoc, split):
         work = work_dtype(u, A)
         u, delta, B, C, z, lengths = map(_c, (u, delta, B, C, z, lengths))
         Aw = A.to(work).contiguous()
@@ -110,10 +119,25 @@ class _SelectiveScan(torch.autograd.Function):
         k = kernels(flags["disc"])
 
         def launch(cfg):
-            ckpt = torch.empty(batch, triton.cdiv(max(length, 1), cfg["CHUNK"]), dim, n, dtype=work, device=u.device)
+            nchunks = triton.cdiv(max(length, 1), cfg["CHUNK"])
+            ckpt = torch.empty(batch, nchunks, dim, n, dtype=work, device=u.device)
             if length == 0:
                 xL.copy_(x0w if x0w is not None else torch.zeros_like(xL))
                 ckpt.zero_()
+                return ckpt
+            blocks = triton.cdiv(dim, cfg["BLOCK_D"])
+            use_split = default_split(batch * blocks, nchunks) if split is None else bool(split)
+            if use_split:      # chunk-parallel: summaries, carry between chunks, rescan
+                common = dict(NP=_np(n), BLOCK_D=cfg["BLOCK_D"], CHUNK=cfg["CHUNK"], DELTA_BIAS=bw is not None,
+                              DELTA_SOFTPLUS=bool(flags["delta_softplus"]), D_SKIP=Dw is not None,
+                              GATE=z is not None, HAS_LENGTHS=lengths is not None)
+                S, P = torch.empty_like(ckpt), torch.empty_like(ckpt)
+                args = (u, delta, Aw, B, C, _ptr(Dw, Aw), _ptr(z, u), _ptr(bw, Aw), _ptr(lengths, u))
+                k.scan_chunk[(batch, blocks, nchunks)](*args, ckpt, S, P, y, length, dim, n, PHASE=1, **common)
+                k.scan_carry[(batch, blocks)](S, P, _ptr(x0w, Aw), ckpt, xL, nchunks, dim, n, NP=_np(n),
+                                              BLOCK_D=cfg["BLOCK_D"], HAS_X0=x0w is not None,
+                                              F64=work == torch.float64)
+                k.scan_chunk[(batch, blocks, nchunks)](*args, ckpt, S, P, y, length, dim, n, PHASE=3, **common)
                 return ckpt
             k.scan_fwd[(batch, triton.cdiv(dim, cfg["BLOCK_D"]))](
                 u, delta, Aw, B, C, _ptr(Dw, Aw), _ptr(z, u), _ptr(bw, Aw), _ptr(lengths, u),
@@ -167,18 +191,20 @@ class _SelectiveScan(torch.autograd.Function):
         return (du.to(u.dtype), ddelta.to(delta.dtype), dA.sum(0).to(a_dtype), dB.sum(1).to(B.dtype),
                 dC.sum(1).to(C.dtype), None if Dw is None else dD.sum(0).to(d_dtype),
                 None if z is None else dz.to(z.dtype), dbias,
-                None if x0_dtype is None else dx0.to(x0_dtype), None, None, None)
+                None if x0_dtype is None else dx0.to(x0_dtype), None, None, None, None)
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, state=None, lengths=None,
-                   delta_softplus=True, disc="mamba", assoc=None):
+                   delta_softplus=True, disc="mamba", assoc=None, split=None):
     """Mamba's selective scan in one fused kernel: y (b, L, D) and the final state (b, D, N).
 
     A is the real (D, N) transition (``-exp(A_log)``); lengths (b,) ints or None; assoc picks the
-    within-chunk scan (None: ``default_assoc()``)."""
+    within-chunk scan (None: ``default_assoc()``); split runs the chunk-parallel forward
+    (``scan_chunk`` / ``scan_carry``: chunks in parallel programs, chunk states carried between them;
+    None: ``default_split``)."""
     flags = {"delta_bias": delta_bias is not None, "delta_softplus": bool(delta_softplus), "disc": disc,
              "d_skip": D is not None, "gate": "silu" if z is not None else None}
-    return _SelectiveScan.apply(u, delta, A, B, C, D, z, delta_bias, state, lengths, flags, assoc)
+    return _SelectiveScan.apply(u, delta, A, B, C, D, z, delta_bias, state, lengths, flags, assoc, split)
 
 
 def selective_step(u, delta, A, B, C, D=None, z=None, delta_bias=None, state=None,
