@@ -8,6 +8,7 @@ the NumPy discretizer for the printed discretization.
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 import numpy as np
@@ -349,8 +350,9 @@ def test_every_example_agrees_with_the_torch_backend(name):
     """Outputs and gradients (input and every parameter) of each example, Triton vs torch, float64."""
     from seqc.inputs import random_inputs
     path = example(name)
-    text = open(path).read().split("model", 1)[1].split(")", 1)[0]
-    params = {k: v for k, v in SMALL.items() if f"{k} =" in text}
+    header = re.search(r"^model \w+\((.*?)\)\s*\{", open(path).read(), re.M | re.S).group(1)
+    params = {k: v for k, v in SMALL.items() if re.search(rf"\b{k}\s*=", header)}
+    assert "d_model" in params
     ref, tri, graph = _models(name, params)
     xs = [torch.as_tensor(x) for x in random_inputs(graph, 2, 9, np.random.default_rng(0))]
     xs = [x.double().requires_grad_() if x.is_floating_point() else x for x in xs]

@@ -110,8 +110,15 @@ class TritonBackend:
         return kernels.available()
 
     def machine(self, device: str, dtype: str) -> dict:
-        """Planner machine model: a GPU running fused kernels (the fused scan makes the scan plan cheap)."""
-        return {"device": device, "dtype": dtype, "fused_scan": True, "kernels": sorted(KERNELS)}
+        """Planner machine model: the torch backend's for the same device and dtype (where the
+        backend registry has one), marked as running the fused kernels of this package."""
+        base = {"device": device, "dtype": dtype}
+        try:
+            from seqc.backend import get_backend
+            base = dict(get_backend("torch").machine(device, dtype))
+        except Exception:     # no backend registry (yet), or no torch machine model
+            pass
+        return {**base, "fused_scan": True, "kernels": sorted(KERNELS)}
 
     def supports(self, call) -> bool:
         """A graph node or lowered call (op, attrs, inputs/args) with a kernel."""
