@@ -3,9 +3,10 @@
 Owns the runtime side of ``codegen``: ``kernels(method)`` (the generated
 module for a discretization, from the on-disk cache), and
 
-* ``selective_scan(u, delta, A, B, C, D, z, delta_bias, state, lengths, flags)``
+* ``selective_scan(u, delta, A, B, C, D, z, delta_bias, state, lengths, ...)``
   -> ``(y, final_state)`` with gradients to every tensor argument
-  (``_SelectiveScan``);
+  (``_SelectiveScan``; whole sequence per program, or chunk-parallel with ``split``);
+* ``conv1d_step``: one token, the window shifted in place;
 * ``selective_step(...)``: one token, the state tensor updated in place;
 * ``lti_scan(u, a, Bbar, C, D, state, lengths)``: the complex diagonal LTI
   recurrence with gradients to u, a, Bbar, C, D and the state (``_LTIScan``);
