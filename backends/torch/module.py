@@ -120,6 +120,8 @@ def _build_tree(root: nn.Module, graph) -> None:
         in_features = [int(s[-1]) if len(s) and getattr(s[-1], "is_number", True) else 1 for s in n.input_shapes]
         cls = LAYERS[n.op]
         mod = cls(in_features, dict(n.attrs))
+        if n.meta.get("disc") is not None and hasattr(mod, "set_discretization"):
+            mod.set_discretization(n.meta["disc"])     # compiled once here: no sympy at run time
         plan = n.meta.get("plan")
         if plan is not None:
             mod.plan = plan
