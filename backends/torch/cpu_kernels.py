@@ -333,9 +333,15 @@ def _from_file(source: str, stem: str):
         _write_atomic(path, source)
     if not _drop_broken_indexes(folder, stem):
         _announce()
-    spec = importlib.util.spec_from_file_location(f"seqc_cpu_{stem}", path)
+    name = f"seqc_cpu_{stem}"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    sys.modules[name] = module          # numba's cache re-imports the module by name when it loads
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
     return module.fwd, module.bwd
 
 
@@ -361,17 +367,30 @@ def kernels(disc):
             try:
                 found = _from_file(source, stem)
             except Exception:      # read-only or broken cache: compile in memory instead
-                found = _in_memory(disc)
-            found = _STATE["kernels"][key] = _Guarded(found, disc)
+                stem, found = None, _in_memory(disc)
+            found = _STATE["kernels"][key] = _Guarded(found, disc, source, stem)
         return found
+
+
+def _rebuild(disc, source, stem):
+    """After a cached kernel failed to load: drop the stem's numba cache and compile again
+    (in memory if even that fails)."""
+    if stem is not None:
+        try:
+            for path in _index_files(cache_dir(), stem):
+                os.unlink(path)
+            return _from_file(source, stem)
+        except Exception:
+            pass
+    return _in_memory(disc)
 
 
 class _Guarded:
     """The kernel pair; if a cached kernel fails to load on its first call (a damaged numba
-    cache), the pair is rebuilt in memory and the call retried once."""
+    cache), the pair is rebuilt and the call retried once."""
 
-    def __init__(self, pair, disc):
-        self.pair, self.disc, self.tried = pair, disc, set()
+    def __init__(self, pair, disc, source, stem):
+        self.pair, self.disc, self.source, self.stem, self.tried = pair, disc, source, stem, set()
 
     def _call(self, which, args):
         numba = _STATE["numba"]
@@ -383,9 +402,10 @@ class _Guarded:
                 return self.pair[which](*args)
             try:
                 return self.pair[which](*args)
-            except (pickle.UnpicklingError, EOFError, OSError, ImportError):
+            except (pickle.UnpicklingError, EOFError, OSError, ImportError, AttributeError):
                 with _LOCK:
-                    self.pair = _in_memory(self.disc)
+                    self.pair = _rebuild(self.disc, self.source, self.stem)
+                    self.stem = None
                 return self.pair[which](*args)
             finally:
                 self.tried.add(key)
