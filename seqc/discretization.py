@@ -1,25 +1,34 @@
-"""Discretization of continuous linear systems: one sympy derivation, lowered by code printers.
+"""Discretization of continuous linear systems: one sympy derivation, lowered to scalar programs.
 
 Owns the map from a continuous system ``x' = A x + B u`` and a step ``dt`` to
 the discrete ``x[k+1] = Abar x[k] + Bbar u[k]`` for the methods ``zoh``,
 ``bilinear``, ``euler``, ``backward_euler`` and ``mamba`` (ZOH for A, Euler
-for B).  Each method is *derived* once with sympy from its definition (the
-variation-of-constants integral for ZOH, the generalised bilinear transform
-for the others), rewritten to a numerically safe form (``phi1(z) = expm1(z)/z``
-instead of ``(exp(z) - 1)/z``), and lowered by sympy's code printers into
-Python source for NumPy or torch, which is ``exec``-ed.  The backends therefore
-run the derived expressions, never hand-written copies.
+for B).  Three stages:
+
+1. *derive* (sympy, compile time only): each method from its definition (the
+   variation-of-constants integral for ZOH, the generalised bilinear transform
+   for the others), rewritten to a numerically safe form (``phi1(z) =
+   expm1(z)/z`` instead of ``(exp(z) - 1)/z``, checked against every branch of
+   the raw form); the CPU kernels' derivatives d(Abar, Bbar/B)/d(A, dt) too.
+2. *lower* to ``seqc.scalar.ScalarProgram``s (``program()`` returns a
+   ``DiscProgram``): complex values split into re/im parts, ``phi1`` / ``phi2``
+   as ``where(|z| < r, taylor, expm1(z)/shifted z)``, common subexpressions
+   bound once.  The ``discretize`` pass stores it in ``node.meta["disc"]``.
+3. *print and compile* (no sympy): ``DiscProgram.compile("numpy"|"torch")``
+   executes the printed source once; the numba kernels paste the ``numba``
+   printing into their template; other backends register their own printer.
 
 * ``structure="diag"``: A is a vector of eigenvalues; the expressions are
   elementwise and broadcast over A, B, dt (real or complex).
 * ``structure="dense"``: the same scalar derivation read as matrix functions of
   ``M = dt*A``: ``Abar = f(M)``, ``Bbar = g(M) dt B``; rational ``f, g`` become
   linear solves, ``exp`` the matrix exponential and ``phi1`` the top-right
-  block of ``exp([[M, dt B], [0, 0]])``.
+  block of ``exp([[M, dt B], [0, 0]])`` (printed with sympy's printers when the
+  program is built).
 
-Public: ``discretizer``, ``derivation``, ``raw_derivation``, ``describe``,
-``source``, ``override``, ``discretize`` (the numeric NumPy entry point of the
-contract, same conventions as ``scipy.signal.cont2discrete``).
+Public: ``program``, ``discretizer``, ``derivation``, ``raw_derivation``,
+``describe``, ``source``, ``override``, ``discretize`` (the numeric NumPy entry
+point, same conventions as ``scipy.signal.cont2discrete``).
 """
 from __future__ import annotations
 
