@@ -2,7 +2,8 @@
 
 Public API: ``parse``, ``build_graph``, ``compile``, ``discretize``,
 ``difftest``, ``interop``, ``register_op`` (add an op of your own; see
-``seqc.ops``) and the one error type ``SeqcError``.
+``seqc.ops``), ``generate`` (decoding with a compiled language model) and the
+one error type ``SeqcError``.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from . import interop  # noqa: E402
 from .differential import difftest  # noqa: E402
 from .discretization import discretize  # noqa: E402
 from .ops import register_op  # noqa: E402
+from .generate import generate  # noqa: E402
 
-__all__ += ["build_graph", "compile", "discretize", "difftest", "interop", "register_op"]
+__all__ += ["build_graph", "compile", "discretize", "difftest", "generate", "interop", "register_op"]
 
