@@ -161,3 +161,29 @@ def test_generate_argument_errors(tmp_path):
     with pytest.raises(seqc.SeqcError, match="torch-backend"):
         seqc.generate(seqc.compile("examples/llama.seq", backend="numpy"), [[1]], 2)
     assert seqc.generate(m, [[1, 2]], 0).tolist() == [[1, 2]]
+
+
+def test_sliding_window_matches_transformers_mistral(tmp_path):
+    """Mistral = Llama + a sliding window: the llama block with window = 3, logits and greedy
+    tokens (generation runs far past the window, through the trimmed KV cache)."""
+    cfg = transformers.MistralConfig(**{**BASE, "sliding_window": 3, "head_dim": 4})
+    torch.manual_seed(0)
+    ref = transformers.MistralForCausalLM(cfg)
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            p.normal_(1.0 if name.endswith("norm.weight") else 0.0, 0.3)
+    ref = ref.double().eval()
+    config = {**BASE, "model_type": "llama"}
+    spec = llama.spec_for_config(config).replace("mlp_bias = mlp_bias)", "mlp_bias = mlp_bias, window = 3)")
+    assert "window = 3" in spec
+    m = seqc.compile(spec).double().eval()
+    m.load_state_dict(llama.convert_state_dict(ref.state_dict(), config), strict=True)
+    tokens = torch.randint(0, 61, (2, 10), generator=torch.Generator().manual_seed(5))
+    expected = ref(tokens).logits
+    assert ((m(tokens) - expected).abs().max() / expected.abs().max()).item() < 1e-6
+    unwindowed = seqc.compile(llama.spec_for_config(config)).double()
+    unwindowed.load_state_dict(m.state_dict())
+    assert ((unwindowed(tokens) - expected).abs().max() / expected.abs().max()).item() > 1e-3
+    prompt = tokens[:, :4]
+    assert torch.equal(seqc.generate(m, prompt, 10),
+                       ref.generate(prompt, do_sample=False, max_new_tokens=10, pad_token_id=0))
