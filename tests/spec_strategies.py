@@ -115,6 +115,7 @@ class Gen:
         self.files: dict[str, File] = {MAIN: File(MAIN)}
         self.order = [MAIN]                     # a file includes only files after it (no cycles)
         self.n_blocks = 0
+        self.blocks: list[dict] = []            # blocks defined so far (reusable where widths match)
         self.features: set[str] = set()
 
     # -- small choices ------------------------------------------------------------------
@@ -186,12 +187,21 @@ class Gen:
                "ssm", "selective_ssm", "lstm", "attention", "block", "std_block"]
         if scope["depth"] >= 2:
             ops = [o for o in ops if o not in ("block", "std_block")]
+        if any(t.width is None for t in pool):
+            ops.append("embedding")
         op = self.d(st.sampled_from(ops), label="op")
         x = self.choose(pool)
         getattr(self, "op_" + op)(scope, pool, lines, x)
 
     def bind(self, scope, pool, lines, line: Line, width: int, target: str | None = None, alias=True) -> T:
         name = target or self.scope_name(scope)
+        op = line.text.split("(")[0]
+        # (not an activation: those names are also attribute values, act = silu, which a tensor would shadow)
+        if target is None and op.isidentifier() and op not in scope["used"] and op not in ACTIVATIONS \
+                and self.flag(0.1):
+            name = op                           # conv1d = conv1d(x): a value named after an op
+            scope["used"].add(op)
+            self.features.add("op-named-value")
         full = Line(f"{name} = ")
         full.sites = [(o + len(full.text), *rest) for o, *rest in line.sites]
         full.text += line.text
@@ -385,7 +395,7 @@ class Gen:
         self._self_or_bind(scope, pool, lines, line, x.width, stateful=True)
 
     def _self_or_bind(self, scope, pool, lines, line, width, stateful):
-        if scope["depth"] > 0 and not scope["self"] and self.flag(0.3):
+        if scope["depth"] > 0 and not scope["self"] and self.flag(0.5):
             scope["self"] = True
             line.add(" as self")
             self.features.add("as-self")
@@ -464,6 +474,15 @@ class Gen:
         self._self_or_bind(scope, pool, lines, line, x.width, stateful=True)
 
     # -- blocks ------------------------------------------------------------------------------
+    def op_embedding(self, scope, pool, lines, x):
+        """Another embedding of the token input (a model may read its tokens several times)."""
+        tokens = next(t for t in pool if t.width is None)
+        dim = self.d(st.integers(1, 6))
+        line = Line(f"embedding({tokens.name}, ").mut(str(self.d(st.integers(2, 9))), "1.5", "bad attribute value")
+        line.add(f", {self.dim(dim, scope['env'])})")
+        self.features.add("embedding-again")
+        self.bind(scope, pool, lines, line, dim)
+
     def op_std_block(self, scope, pool, lines, x):
         w = x.width
         env = scope["env"]
@@ -510,9 +529,56 @@ class Gen:
         self.bind(scope, pool, lines, line, w)
 
     def op_block(self, scope, pool, lines, x):
-        """Define a new block for the width of `x` (in this file or a later sibling file) and call it."""
+        """Call a block for the width of `x`: one defined before (reuse) or a new one, placed in
+        this file or a later sibling file."""
         w = x.width
         here = self.order.index(scope["file"].name)
+        reuse = [b for b in self.blocks if b["w"] == w and self.order.index(b["file"]) >= here
+                 and b["depth"] >= scope["depth"]]
+        repeat = self.flag(0.3)
+        n_rep = self.d(st.integers(0, 2)) if repeat else 1
+        if reuse and self.flag(0.3):
+            blk = self.pick(reuse)
+            if blk["file"] != scope["file"].name:
+                scope["file"].include(blk["file"])
+            self.features.add("block-reused")
+            if repeat and (blk["out"] != w or blk["inputs"] != 1 or blk["second"] is not None):
+                repeat, n_rep = False, 1
+        else:
+            blk = self.define_block(scope, w, here, repeat, n_rep)
+        y = self._partner(pool, x) if blk["inputs"] == 2 else None
+        call = Line().mut(blk["name"], blk["name"] + "x", "unknown name").add(f"({x.name}, ")
+        if y is not None:
+            call.add(f"{y.name}, ")
+        call.mut("d", "dim", "unknown name").add(" = ").mut(self.dim(w, scope["env"]), str(w + 1), "wrong dimension")
+        for pname, v in blk["params"]:
+            if self.flag(0.3):
+                call.add(f", {pname} = {self.dim(v, scope['env'])}")
+        call.add(")")
+        if repeat:
+            if n_rep == 0:          # the block is never elaborated: only its name is looked up
+                call.sites = call.sites[:1]
+                self.features.add("repeat-0")
+            name = self.scope_name(scope)
+            full = Line(f"{name} = repeat(")
+            full.mut(str(n_rep), "-1", "bad attribute value").add(") ")
+            full.sites += [(o + len(full.text), *rest) for o, *rest in call.sites]
+            full.text += call.text + f" as {name}_rep"
+            lines.append(full)
+            pool.append(T(name, w))
+            self.features.add("repeat")
+        elif blk["second"] is not None:
+            a, b = self.scope_name(scope), self.scope_name(scope)
+            full = Line(f"{a}, {b} = ")
+            full.sites = [(o + len(full.text), *rest) for o, *rest in call.sites]
+            full.text += call.text
+            lines.append(full)
+            pool.extend([T(a, blk["out"]), T(b, blk["second"])])
+            self.features.add("block-two-outputs")
+        else:
+            self.bind(scope, pool, lines, call, blk["out"])
+
+    def define_block(self, scope, w, here, repeat, n_rep):
         k = self.d(st.integers(here, min(here + 1, 2)))
         if k >= len(self.order):
             name = f"lib{len(self.order)}.seq"
@@ -524,23 +590,28 @@ class Gen:
             scope["file"].include(target.name)
         self.n_blocks += 1
         bname = f"Blk{self.n_blocks}"
-        repeat = self.flag(0.3)
         two_outputs = not repeat and self.flag(0.2)
+        two_inputs = not repeat and self.flag(0.2)
         # parameters: the width, then a few with defaults (some computed from earlier ones)
         env = {"d": w}
         params = ["d"]
-        extra_params = self.d(st.integers(0, 2))
-        for i in range(extra_params):
+        extra = []
+        for i in range(self.d(st.integers(0, 2))):
             v = self.d(st.integers(1, 8))
             pname = f"p{i}"
-            default = self.dim(v, dict(env))
-            params.append(f"{pname} = {default}")
+            params.append(f"{pname} = {self.dim(v, dict(env))}")
             env[pname] = v
+            extra.append((pname, v))
         self.features.add("block")
-        inner = {"env": dict(env), "n": 0, "depth": scope["depth"] + 1, "self": False, "file": target}
+        inner = {"env": dict(env), "n": 0, "depth": scope["depth"] + 1, "self": False, "file": target, "used": set(),
+                 "dead": scope["dead"] or n_rep == 0}
         bl: list[Line] = []
         bl.append(Line("input x: [B, L, ").mut(self.dim(w, env), str(w + 1), "wrong dimension").add("]"))
         bpool = [T("x", w)]
+        if two_inputs:
+            bl.append(Line(f"input y: [B, L, {self.dim(w, env)}]"))
+            bpool.append(T("y", w))
+            self.features.add("block-two-inputs")
         self.body(inner, bpool, self.d(st.integers(1, 3)), bl)
         last = bpool[-1]
         if repeat or self.flag(0.4):
@@ -559,34 +630,16 @@ class Gen:
             second = self.pick(self.float_pool(bpool))
             ret.add(f", {second.name}")
         bl.append(ret)
+        if inner["dead"]:
+            for line in bl:
+                line.sites = []
         header = Line(f"block {bname}({', '.join(params)}) {{")
         target.items.append([header] + bl + [Line("}")])
-        # the call: the width always given, other parameters sometimes (with their value, written anew)
-        call = Line().mut(bname, bname + "x", "unknown name").add(f"({x.name}, ").mut("d", "dim", "unknown name")
-        call.add(" = ").mut(self.dim(w, scope["env"]), str(w + 1), "wrong dimension")
-        for i in range(extra_params):
-            if self.flag(0.3):
-                call.add(f", p{i} = {self.dim(env[f'p{i}'], scope['env'])}")
-        call.add(")")
-        if repeat:
-            n = self.d(st.integers(1, 2))
-            name = self.scope_name(scope)
-            full = Line(f"{name} = repeat({n}) ")
-            full.sites = [(o + len(full.text), *rest) for o, *rest in call.sites]
-            full.text += call.text + f" as {name}_rep"
-            lines.append(full)
-            pool.append(T(name, w))
-            self.features.add("repeat")
-        elif two_outputs:
-            a, b = self.scope_name(scope), self.scope_name(scope)
-            full = Line(f"{a}, {b} = ")
-            full.sites = [(o + len(full.text), *rest) for o, *rest in call.sites]
-            full.text += call.text
-            lines.append(full)
-            pool.extend([T(a, out_w), T(b, second.width)])
-            self.features.add("block-two-outputs")
-        else:
-            self.bind(scope, pool, lines, call, out_w)
+        blk = {"name": bname, "w": w, "out": out_w, "second": second.width if second else None,
+               "inputs": 2 if two_inputs else 1, "params": extra, "file": target.name, "depth": scope["depth"]}
+        if not inner["dead"]:
+            self.blocks.append(blk)
+        return blk
 
     # -- the model ------------------------------------------------------------------------------------
     def model(self) -> Spec:
@@ -600,7 +653,7 @@ class Gen:
             v = self.d(st.integers(1, 8))
             params.append(f"h{i} = {self.dim(v, dict(env))}")
             env[f"h{i}"] = v
-        scope = {"env": env, "n": 0, "depth": 0, "self": False, "file": main}
+        scope = {"env": env, "n": 0, "depth": 0, "self": False, "file": main, "used": set(), "dead": False}
         bsym, lsym = self.pick([("B", "L"), ("batch", "time"), ("N", "T")])
         lines: list[Line] = []
         pool: list[T] = []

@@ -59,7 +59,7 @@ BATCH, LENGTH = 2, 7
 
 # -- checks on one spec file (shared by the fuzzer and the regression files) ------------------------------
 
-def input_arrays(graph, rng, batch=BATCH, length=LENGTH):
+def input_arrays(graph, rng, batch, length):
     xs = []
     for nid in graph.inputs:
         n = graph.nodes[nid]
@@ -105,22 +105,22 @@ def cat_time(parts):
     return [np.concatenate([to_numpy(x) for x in outs], axis=1) for outs in per_output]
 
 
-def check_backends(path: str):
-    report = seqc.difftest(path, ("numpy", "torch"), length=LENGTH, tolerance=TOL)
+def check_backends(path: str, batch=BATCH, length=LENGTH):
+    report = seqc.difftest(path, ("numpy", "torch"), batch=batch, length=length, tolerance=TOL)
     assert report.ok, f"numpy vs torch:\n{report}"
 
 
-def check_plans(path: str, modes: tuple[str, str]):
-    report = seqc.difftest(path, ("torch", "torch"), modes=modes, length=LENGTH, tolerance=TOL)
+def check_plans(path: str, modes: tuple[str, str], batch=BATCH, length=LENGTH):
+    report = seqc.difftest(path, ("torch", "torch"), modes=modes, batch=batch, length=length, tolerance=TOL)
     assert report.grad_abs is not None
     assert report.ok, f"torch plans {modes[0]} vs {modes[1]} (outputs and parameter gradients):\n{report}"
 
 
-def check_faces(path: str, cut: int, seed_: int = 0):
+def check_faces(path: str, cut: int, batch=BATCH, length=LENGTH, seed_: int = 0):
     """step == forward and two chunks == one pass, on numpy and on torch (float64)."""
     ref = seqc.compile(path, backend="numpy")
     tm = seqc.compile(path, backend="torch").double().load_numpy(ref.weights).eval()
-    xs = input_arrays(ref.graph, np.random.default_rng(seed_))
+    xs = input_arrays(ref.graph, np.random.default_rng(seed_), batch, length)
     ts = [torch.as_tensor(x) for x in xs]
     with torch.no_grad():
         whole = ref(*xs, ref.weights)
@@ -128,10 +128,10 @@ def check_faces(path: str, cut: int, seed_: int = 0):
         agree(whole, y, "torch forward vs numpy forward")
         # token by token
         for name, init, step, args in (
-                ("numpy", lambda: ref.init_state(BATCH), lambda a, s: ref.step(*a, state=s), xs),
-                ("torch", lambda: tm.init_state(BATCH), lambda a, s: tm.step(*a, s), ts)):
+                ("numpy", lambda: ref.init_state(batch), lambda a, s: ref.step(*a, state=s), xs),
+                ("torch", lambda: tm.init_state(batch), lambda a, s: tm.step(*a, s), ts)):
             state, outs = init(), []
-            for t in range(LENGTH):
+            for t in range(length):
                 y_t, state = step([a[:, t] for a in args], state)
                 outs.append([to_numpy(o)[:, None] for o in as_list(y_t)])
             agree(whole, cat_time(outs), f"{name} step vs forward")
@@ -180,28 +180,29 @@ def _written(spec):
 
 
 @fuzz_settings(12)
-@given(specs())
-def test_numpy_and_torch_agree(spec):
+@given(specs(), st.integers(1, 2), st.integers(1, 9))
+def test_numpy_and_torch_agree(spec, batch, length):
     d, path = _written(spec)
     with d:
-        check_backends(path)
+        check_backends(path, batch, length)
 
 
 @fuzz_settings(10)
 @given(specs(), st.sampled_from([("conv", "scan"), ("scan", "recurrent"), ("conv", "recurrent"),
-                                 ("auto", "recurrent")]))
-def test_torch_plans_agree_with_gradients(spec, modes):
+                                 ("auto", "recurrent")]), st.integers(1, 9))
+def test_torch_plans_agree_with_gradients(spec, modes, length):
     d, path = _written(spec)
     with d:
-        check_plans(path, modes)
+        check_plans(path, modes, length=length)
 
 
 @fuzz_settings(12)
-@given(specs(), st.integers(0, LENGTH))
-def test_step_and_chunks_equal_forward(spec, cut):
+@given(specs(), st.integers(1, 2), st.integers(1, 9), st.data())
+def test_step_and_chunks_equal_forward(spec, batch, length, data):
+    cut = data.draw(st.integers(0, length), label="cut")
     d, path = _written(spec)
     with d:
-        check_faces(path, cut)
+        check_faces(path, cut, batch, length)
 
 
 @fuzz_settings(40)
