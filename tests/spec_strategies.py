@@ -429,8 +429,9 @@ class Gen:
         else:
             line.add(f"{x.name}, delta = {dt}, B = {b}, C = {c}" + (f", z = {z.name}" if z else ""))
         extra = [("d_state", self.dim(n, env), str(n + 1), "wrong dimension")]
-        if self.flag(0.5):
-            extra.append(("delta_bias", self.pick(["true", "false"]), "1", "bad attribute value"))
+        if self.flag(0.5):   # without the softplus a learned bias (about log dt < 0) could make the step negative
+            extra.append(("delta_bias", self.pick(["true", "false"]) if softplus else "false", "1",
+                          "bad attribute value"))
         if not softplus or self.flag(0.2):
             extra.append(("delta_softplus", "true" if softplus else "false", "no", "bad attribute value"))
         if self.flag(0.5):
