@@ -117,6 +117,7 @@ class Gen:
         self.n_blocks = 0
         self.blocks: list[dict] = []            # blocks defined so far (reusable where widths match)
         self.features: set[str] = set()
+        self.long_names = False
 
     # -- small choices ------------------------------------------------------------------
     def d(self, strategy, label=None):
@@ -156,6 +157,8 @@ class Gen:
     # -- definitions ---------------------------------------------------------------------
     def scope_name(self, scope) -> str:
         scope["n"] += 1
+        if self.long_names:            # long statements: the formatter has to break them
+            return f"a_rather_long_tensor_name_{scope['n']}"
         return f"t{scope['n']}"
 
     def body(self, scope, pool: list[T], n_stmts: int, lines: list[Line]) -> list[T]:
@@ -239,6 +242,8 @@ class Gen:
         if init != "none":
             extra.append(("init", init, "xavier", "bad attribute value"))
             self.features.add(f"linear-init-{init}")
+        if init == "mamba_dt" and self.flag(0.3):
+            extra.append(("dt_min", "0.002", "0.5", "dt range"))
         if init != "mamba_dt" and self.flag(0.4):
             extra.append(("bias", self.pick(["true", "false"]), "2", "bad attribute value"))
         self.attrs(line, extra)
@@ -389,6 +394,8 @@ class Gen:
             extra.append(("plan", plan, "fft", "bad attribute value"))
         if self.flag(0.2):
             extra.append(("dt_min", "0.01", "-0.01", "bad attribute value"))
+        if self.flag(0.2):
+            extra.append(("dt_max", "0.2", "0.0001", "dt range"))
         self.attrs(line, extra)
         line.add(")")
         self.features.add(f"ssm-{kind}")
@@ -438,6 +445,8 @@ class Gen:
             extra.append(("disc", self.pick(SEL_DISC), "euler", "bad attribute value"))
         if self.flag(0.3):
             extra.append(("plan", self.pick(["auto", "scan", "recurrent"]), "conv", "illegal plan"))
+        if self.flag(0.2):
+            extra.append(("dt_max", "0.05", "0.0001", "dt range"))
         self.attrs(line, extra)
         line.add(")")
         # an illegal plan is caught when planning (compile), not by build_graph
@@ -645,6 +654,9 @@ class Gen:
     # -- the model ------------------------------------------------------------------------------------
     def model(self) -> Spec:
         main = self.files[MAIN]
+        self.long_names = self.flag(0.15)
+        if self.long_names:
+            self.features.add("long-names")
         env: dict[str, int] = {}
         params = []
         d_model = self.d(st.integers(1, 8), label="d_model")
