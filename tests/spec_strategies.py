@@ -88,6 +88,12 @@ class Line:
         self.text += old
         return self
 
+    def alt(self, new: str, kind: str) -> "Line":
+        """Another invalid replacement of the span the last `mut` wrote."""
+        offset, old, _, _, stage = self.sites[-1]
+        self.sites.append((offset, old, new, kind, stage))
+        return self
+
 
 @dataclass
 class T:
@@ -223,9 +229,10 @@ class Gen:
             perm = self.d(st.permutations(range(len(items))))
             items = [items[i] for i in perm]
         for key, value, bad, kind in items:
-            line.add(f", {key} = ")
+            line.add(", ").mut(key, key + "_", "unknown name").add(" = ")
             if bad is not None:
-                line.mut(value, bad, kind)
+                # a tensor (or, where there is none called x, an unknown name) is never an attribute value
+                line.mut(value, bad, kind).alt("x", "bad attribute value")
             else:
                 line.add(value)
 
