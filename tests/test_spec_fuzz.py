@@ -127,29 +127,36 @@ def check_faces(path: str, cut: int, batch=BATCH, length=LENGTH, seed_: int = 0)
     xs = input_arrays(ref.graph, np.random.default_rng(seed_), batch, length)
     ts = [torch.as_tensor(x) for x in xs]
     with torch.no_grad():
-        whole = ref(*xs, ref.weights)
+        whole, final_ref = ref(*xs, ref.weights, return_state=True)
         y, final = tm(*ts, return_state=True)
         agree(whole, y, "torch forward vs numpy forward")
+        same_state(final_ref, final, "torch vs numpy final state")
         # token by token
-        for name, init, step, args in (
-                ("numpy", lambda: ref.init_state(batch), lambda a, s: ref.step(*a, state=s), xs),
-                ("torch", lambda: tm.init_state(batch), lambda a, s: tm.step(*a, s), ts)):
+        for name, init, step, args, final_state in (
+                ("numpy", lambda: ref.init_state(batch), lambda a, s: ref.step(*a, state=s), xs, final_ref),
+                ("torch", lambda: tm.init_state(batch), lambda a, s: tm.step(*a, s), ts, final)):
             state, outs = init(), []
             for t in range(length):
                 y_t, state = step([a[:, t] for a in args], state)
                 outs.append([to_numpy(o)[:, None] for o in as_list(y_t)])
             agree(whole, cat_time(outs), f"{name} step vs forward")
-        # two chunks, the state handed over (an empty chunk when cut is 0 or LENGTH)
+            same_state(final_state, state, f"{name} final state, forward vs steps")
+        # two chunks, the state handed over (an empty chunk when cut is 0 or the length)
         a, mid = ref(*[x[:, :cut] for x in xs], ref.weights, return_state=True)
-        b = ref(*[x[:, cut:] for x in xs], ref.weights, state=mid)
+        b, end = ref(*[x[:, cut:] for x in xs], ref.weights, state=mid, return_state=True)
         agree(whole, cat_time([a, b]), f"numpy chunks at {cut} vs one pass")
+        same_state(final_ref, end, "numpy final state, chunked vs whole")
         a, mid = tm(*[t[:, :cut] for t in ts], return_state=True)
         b, end = tm(*[t[:, cut:] for t in ts], state=mid, return_state=True)
         agree(whole, cat_time([a, b]), f"torch chunks at {cut} vs one pass")
-        final, end = flat_state(final), flat_state(end)
-        assert final.keys() == end.keys()
-        for k in final:
-            agree(final[k], end[k], f"torch final state {k} (chunked vs whole)")
+        same_state(final, end, "torch final state, chunked vs whole")
+
+
+def same_state(a, b, what):
+    a, b = flat_state(a), flat_state(b)
+    assert a.keys() == b.keys(), f"{what}: keys {sorted(a)} vs {sorted(b)}"
+    for k in a:
+        agree(a[k], b[k], f"{what} ({k})")
 
 
 def ir_text(path) -> str:
