@@ -22,11 +22,14 @@ from dataclasses import dataclass, field
 
 from hypothesis import strategies as st
 
+from seqc.registry import OPS
+
 ACTIVATIONS = ("silu", "gelu", "relu", "softplus", "sigmoid", "tanh")
 ACT_ATTR = ("identity",) + ACTIVATIONS
 SSM_DISC = ("zoh", "bilinear", "euler", "backward_euler")
 SEL_DISC = ("mamba", "zoh", "bilinear")
 MAIN = "main.seq"
+RNNS = ("lstm", "gru") if "gru" in OPS else ("lstm",)
 
 
 @dataclass(frozen=True)
@@ -185,7 +188,7 @@ class Gen:
 
     def tensor_arg(self, scope, pool, x: T) -> str:
         """x by name, or wrapped in an inline activation (a nested call)."""
-        if self.flag(0.15):
+        if self.flag(0.3):
             act = self.pick(ACTIVATIONS)
             self.features.add("inline-activation")
             return f"{act}({x.name})"
@@ -193,7 +196,7 @@ class Gen:
 
     def statement(self, scope, pool, lines):
         ops = ["linear", "conv1d", "norm", "activation", "dropout", "binary", "gate", "glu", "split", "concat",
-               "ssm", "selective_ssm", "lstm", "attention", "block", "std_block"]
+               "ssm", "selective_ssm", "lstm", "attention", "block", "block", "block", "std_block", "std_block"]
         if scope["depth"] >= 2:
             ops = [o for o in ops if o not in ("block", "std_block")]
         if any(t.width is None for t in pool):
@@ -464,8 +467,10 @@ class Gen:
         self._self_or_bind(scope, pool, lines, line, d, stateful=True)
 
     def op_lstm(self, scope, pool, lines, x):
+        """lstm, or gru where the registry has it (the same attributes)."""
+        rnn = self.pick(RNNS)
         h = self.d(st.integers(1, 6))
-        line = Line(f"lstm({x.name}, ")
+        line = Line(f"{rnn}({x.name}, ")
         line.mut(self.dim(h, scope["env"]), "0", "bad attribute value")
         extra = []
         if self.flag(0.5):
@@ -476,7 +481,7 @@ class Gen:
             extra.append(("plan", self.pick(["auto", "recurrent"]), "conv", "bad attribute value"))
         self.attrs(line, extra)
         line.add(")")
-        self.features.add("lstm")
+        self.features.add(rnn)
         self._self_or_bind(scope, pool, lines, line, h, stateful=True)
 
     def op_attention(self, scope, pool, lines, x):
@@ -554,7 +559,7 @@ class Gen:
                  and b["depth"] >= scope["depth"]]
         repeat = self.flag(0.3)
         n_rep = self.d(st.integers(0, 2)) if repeat else 1
-        if reuse and self.flag(0.3):
+        if reuse and self.flag(0.5):
             blk = self.pick(reuse)
             if blk["file"] != scope["file"].name:
                 scope["file"].include(blk["file"])

@@ -252,6 +252,33 @@ def test_mutations_raise_located_errors(spec, data):
         assert err.render().startswith(text)
 
 
+def test_the_generator_covers_every_op_and_form():
+    """Over a fixed sample, the generated programs use every op of the registry and every
+    language form the fuzzer promises (so a new op without a generator shows up here)."""
+    from seqc.registry import OPS
+    drawn = []
+
+    @settings(max_examples=200, deadline=None, database=None, derandomize=True,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @given(specs())
+    def collect(spec):
+        drawn.append(spec)
+    collect()
+    ops, features = set(), set()
+    for spec in drawn:
+        features |= spec.features
+        with tempfile.TemporaryDirectory() as d:
+            ops |= {n.op for n in seqc.build_graph(spec.write(d)).order()}
+    assert set(OPS) <= ops, f"ops never generated: {sorted(set(OPS) - ops)}"
+    forms = {"block", "block-reused", "block-two-inputs", "block-two-outputs", "as-self", "as-name", "repeat",
+             "repeat-0", "sibling-file", "std-MambaBlock", "std-TransformerBlock", "param-arithmetic",
+             "two-inputs", "two-outputs", "selective_ssm-z", "linear-init-mamba_dt", "long-names",
+             "op-named-value", "inline-activation"}
+    assert forms <= features, f"forms never generated: {sorted(forms - features)}"
+    sites = {s.kind for spec in drawn for s in spec.sites}
+    assert sites >= {"unknown name", "bad attribute value", "wrong dimension", "illegal plan", "dt range"}
+
+
 # -- the regressions it found ----------------------------------------------------------------------
 
 # file name -> the diagnosis of a defect not fixed yet (the test must fail until it is)
