@@ -59,6 +59,8 @@ KNOWN_BROKEN_KINDS = {"dt range"}
 ERROR_FORM = re.compile(r"^.+:\d+:\d+: error: .+", re.S)
 TOL = 1e-9           # float64, relative to max(1, |value|): measured worst 2e-12 over 1000 specs
 BATCH, LENGTH = 2, 7
+LENGTHS = st.one_of(st.integers(1, 9), st.sampled_from([16, 33, 64]))   # short, and long enough for other plans
+MODES = ("auto", "conv", "scan", "recurrent")
 
 
 # -- checks on one spec file (shared by the fuzzer and the regression files) ------------------------------
@@ -120,10 +122,11 @@ def check_plans(path: str, modes: tuple[str, str], batch=BATCH, length=LENGTH):
     assert report.ok, f"torch plans {modes[0]} vs {modes[1]} (outputs and parameter gradients):\n{report}"
 
 
-def check_faces(path: str, cut: int, batch=BATCH, length=LENGTH, seed_: int = 0):
-    """step == forward and two chunks == one pass, on numpy and on torch (float64)."""
+def check_faces(path: str, cut: int, batch=BATCH, length=LENGTH, mode="auto", seed_: int = 0):
+    """step == forward and two chunks == one pass, on numpy and on torch (float64); the torch
+    model's plans forced by `mode` where legal."""
     ref = seqc.compile(path, backend="numpy")
-    tm = seqc.compile(path, backend="torch").double().load_numpy(ref.weights).eval()
+    tm = seqc.compile(path, backend="torch", mode=mode).double().load_numpy(ref.weights).eval()
     xs = input_arrays(ref.graph, np.random.default_rng(seed_), batch, length)
     ts = [torch.as_tensor(x) for x in xs]
     with torch.no_grad():
@@ -191,7 +194,7 @@ def _written(spec):
 
 
 @fuzz_settings(12)
-@given(specs(), st.integers(1, 2), st.integers(1, 9))
+@given(specs(), st.integers(1, 2), LENGTHS)
 def test_numpy_and_torch_agree(spec, batch, length):
     d, path = _written(spec)
     with d:
@@ -200,7 +203,7 @@ def test_numpy_and_torch_agree(spec, batch, length):
 
 @fuzz_settings(10)
 @given(specs(), st.sampled_from([("conv", "scan"), ("scan", "recurrent"), ("conv", "recurrent"),
-                                 ("auto", "recurrent")]), st.integers(1, 9))
+                                 ("auto", "recurrent")]), LENGTHS)
 def test_torch_plans_agree_with_gradients(spec, modes, length):
     d, path = _written(spec)
     with d:
@@ -208,12 +211,12 @@ def test_torch_plans_agree_with_gradients(spec, modes, length):
 
 
 @fuzz_settings(12)
-@given(specs(), st.integers(1, 2), st.integers(1, 9), st.data())
-def test_step_and_chunks_equal_forward(spec, batch, length, data):
+@given(specs(), st.integers(1, 2), LENGTHS, st.sampled_from(MODES), st.data())
+def test_step_and_chunks_equal_forward(spec, batch, length, mode, data):
     cut = data.draw(st.integers(0, length), label="cut")
     d, path = _written(spec)
     with d:
-        check_faces(path, cut, batch, length)
+        check_faces(path, cut, batch, length, mode)
 
 
 @fuzz_settings(40)
