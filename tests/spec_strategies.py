@@ -741,3 +741,38 @@ class Gen:
 def specs(draw) -> Spec:
     """A random valid .seq program (see the module docstring)."""
     return Gen(draw).model()
+
+
+
+def noisy(text: str, choices) -> str:
+    """The same program laid out differently: inside brackets some argument separators become
+    line breaks or extra spaces, some calls and lists get a trailing comma, and some statements
+    get a blank line before them.  `choices` yields small ints (drawn by the caller)."""
+    out, stack = [], []
+    for line in text.split("\n"):
+        buf: list[str] = []
+        for i, ch in enumerate(line):
+            if ch == "#" and not stack:
+                buf.append(line[i:])
+                break
+            if ch in "([":
+                prev = "".join(buf).rstrip()
+                # a call or a list takes a trailing comma; repeat(...), input [...] and grouping parens do not
+                named = prev[-1:].isalnum() or prev[-1:] == "_"
+                trailing = (ch == "[" and not prev.endswith(":")) or (named and not prev.endswith("repeat"))
+                stack.append(trailing)
+                buf.append(ch)
+            elif ch in ")]":
+                trailing = stack.pop() if stack else False
+                if trailing and buf and buf[-1] not in "([" and next(choices) == 1:
+                    buf.append(",")
+                buf.append(ch)
+            elif ch == " " and stack and buf and buf[-1] == ",":
+                c = next(choices)
+                buf.append("\n        " if c == 1 else "   " if c == 2 else " ")
+            else:
+                buf.append(ch)
+        if line.startswith("  ") and next(choices) == 1:
+            out.append("")
+        out.append("".join(buf))
+    return "\n".join(out)

@@ -19,6 +19,7 @@ CI runs a small seeded budget; a longer hunt:
 """
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import tempfile
@@ -31,7 +32,7 @@ from hypothesis import HealthCheck, assume, given, note, seed, settings, strateg
 
 import seqc
 from seqc.fmt import format_module
-from spec_strategies import MAIN, specs
+from spec_strategies import MAIN, noisy, specs
 
 seqc.parse("model M() {}")  # the parser raises the recursion limit once; do it before hypothesis watches
 
@@ -168,11 +169,16 @@ def ir_text(path) -> str:
     return re.sub(r" ?\S+:\d+:\d+$", "", g.dump(), flags=re.M) + repr(sorted(g.weight_shapes().items()))
 
 
-def check_fmt(files: dict[str, str], directory: str):
+def check_fmt(files: dict[str, str], directory: str, relaid: dict[str, str] | None = None):
+    """format -> parse -> format is a fixed point, keeps the AST and the IR; `relaid` holds the
+    same files laid out differently, which must format to the same text."""
     formatted = {}
     for name, text in files.items():
         module = seqc.parse(text, name)
         once = format_module(module)
+        if relaid is not None:
+            assert format_module(seqc.parse(relaid[name], name)) == once, \
+                f"{name}: a different layout of the same program formats differently:\n{relaid[name]}"
         back = seqc.parse(once, name)
         assert back.items == module.items and repr(back.items) == repr(module.items), \
             f"{name}: the formatted text parses to another AST:\n{once}"
@@ -220,11 +226,13 @@ def test_step_and_chunks_equal_forward(spec, batch, length, mode, data):
 
 
 @fuzz_settings(40)
-@given(specs())
-def test_fmt_round_trip(spec):
+@given(specs(), st.lists(st.integers(0, 3), min_size=64, max_size=64))
+def test_fmt_round_trip(spec, layout):
+    relaid = {name: noisy(text, itertools.cycle(layout)) for name, text in spec.files.items()}
+    note("relaid:\n" + "\n".join(relaid.values()))
     d, _ = _written(spec)
     with d:
-        check_fmt(spec.files, d.name)
+        check_fmt(spec.files, d.name, relaid)
 
 
 @fuzz_settings(40)
