@@ -19,7 +19,7 @@ from .ir import Graph, Ref, join
 from .loader import Program, load
 from .parser import parse
 from .registry import OPS, PARAM_FUNCTIONS, REQUIRED, ShapeError
-from .values import Sym, Tensor, arith, check_attr, fmt_shape, is_number, kind_of, to_number
+from .values import Sym, Tensor, arith, as_integer, check_attr, fmt_shape, is_number, kind_of, to_number
 
 MAX_NODES = 200_000
 # Names a layer cannot take because every compiled torch module already has them.
@@ -165,9 +165,7 @@ class Elaborator:
                     scope.values[e.id] = sympy.Symbol(e.id, positive=True, integer=True)
                 elif i < len(actual.shape):
                     scope.values[e.id] = actual.shape[i]
-            v = self._eval(e, scope.values, None)
-            if isinstance(v, Fraction) and v.denominator == 1:
-                v = int(v)
+            v = as_integer(self._eval(e, scope.values, None))
             if not (isinstance(v, int) and not isinstance(v, bool) and v > 0) and not (
                     isinstance(v, sympy.Expr) and v.is_positive is not False):
                 raise SeqcError(f"dimension {i} of '{stmt.name}' must be a positive integer, got {v}", e.span)
@@ -216,7 +214,7 @@ class Elaborator:
         call = stmt.value
         if not isinstance(call, ast.Call) or call.func not in self.program.definitions:
             raise SeqcError("repeat(n) must be followed by a block call", stmt.value.span)
-        n = self._eval(stmt.repeat, scope.values, None)
+        n = as_integer(self._eval(stmt.repeat, scope.values, None))
         if not (isinstance(n, int) and not isinstance(n, bool)) or n < 0:
             raise SeqcError(f"repeat count must be a non-negative integer, got {n}", stmt.repeat.span)
         if n > 4096:
