@@ -140,7 +140,8 @@ class Gen:
 
     def dim(self, value: int, env: dict[str, int]) -> str:
         """An expression over the parameters in `env` that evaluates to `value`."""
-        options = [str(value)]
+        # integer values written as exact fractions, powers and integral floats are integers too
+        options = [str(value), f"{2 * value} / 2", f"{value}.0", f"{value} ** 1"]
         for p, v in env.items():
             if not isinstance(v, int) or v <= 0:
                 continue
@@ -156,6 +157,7 @@ class Gen:
                 options.append(f"{p} // {v // value}")
             if v > 1:
                 options.append(f"ceil({value * v - (v - 1)} / {p})")   # = value
+            options.append(f"{p} * {value} / {p}")
         if self.flag(0.3):
             return str(value)
         choice = self.pick(options)
@@ -541,7 +543,7 @@ class Gen:
             n = self.d(st.integers(1, 2))
             name = self.scope_name(scope)
             full = Line(f"{name} = repeat(")
-            full.mut(str(n), "-1", "bad attribute value").add(") ")
+            full.mut(self.pick([str(n), f"{2 * n} / 2"]), "-1", "bad attribute value").add(") ")
             full.sites += [(o + len(full.text), *rest) for o, *rest in line.sites]
             full.text += line.text + f" as {name}_rep"
             lines.append(full)
@@ -583,7 +585,8 @@ class Gen:
                 self.features.add("repeat-0")
             name = self.scope_name(scope)
             full = Line(f"{name} = repeat(")
-            full.mut(str(n_rep), "-1", "bad attribute value").add(") ")
+            full.mut(self.pick([str(n_rep), f"{n_rep + 1} - 1", f"{2 * n_rep} / 2", f"{n_rep}.0"]), "-1",
+                     "bad attribute value").alt("1 / 2", "bad attribute value").add(") ")
             full.sites += [(o + len(full.text), *rest) for o, *rest in call.sites]
             full.text += call.text + f" as {name}_rep"
             lines.append(full)
