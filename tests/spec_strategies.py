@@ -631,7 +631,9 @@ class Gen:
         inner = {"env": dict(env), "n": 0, "depth": scope["depth"] + 1, "self": False, "file": target, "used": set(),
                  "dead": scope["dead"] or n_rep == 0}
         bl: list[Line] = []
-        bl.append(Line("input x: [B, L, ").mut(self.dim(w, env), str(w + 1), "wrong dimension").add("]"))
+        # the input's width is written through `d`, so a call passing another d is wrong
+        width = self.pick(["d", "d * 1", "2 * d // 2", "d + 0", "max(d, 1)", "d ** 1"])
+        bl.append(Line("input x: [B, L, ").mut(width, str(w + 1), "wrong dimension").add("]"))
         bpool = [T("x", w)]
         if two_inputs:
             bl.append(Line(f"input y: [B, L, {self.dim(w, env)}]"))
