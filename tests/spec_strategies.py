@@ -53,6 +53,10 @@ class Spec:
     inputs: list[tuple[str, int | None]]        # (name, feature width or None for tokens)
     sites: list[Site] = field(default_factory=list)
     features: frozenset = frozenset()
+    params: dict = field(default_factory=dict)   # the model's parameters and their values
+
+    def __repr__(self) -> str:          # hypothesis prints the arguments; the text itself is in the note
+        return f"Spec(files={sorted(self.files)}, features={sorted(self.features)})"
 
     def __str__(self) -> str:
         if len(self.files) == 1:
@@ -720,9 +724,9 @@ class Gen:
             ret.add(f", {o.name}")
         lines.append(ret)
         main.items.insert(0, [Line(f"model M({', '.join(params)}) {{")] + lines + [Line("}")])
-        return self.render(inputs)
+        return self.render(inputs, env)
 
-    def render(self, inputs) -> Spec:
+    def render(self, inputs, params) -> Spec:
         texts, sites = {}, []
         for name in self.order:
             f = self.files[name]
@@ -739,7 +743,7 @@ class Gen:
                         text += "   # a comment"
                     out.append(text)
             texts[name] = "\n".join(out) + "\n"
-        return Spec(texts, inputs, sites, frozenset(self.features))
+        return Spec(texts, inputs, sites, frozenset(self.features), dict(params))
 
 
 @st.composite

@@ -163,10 +163,13 @@ def same_state(a, b, what):
         agree(a[k], b[k], f"{what} ({k})")
 
 
-def ir_text(path) -> str:
-    """The elaborated IR without source locations."""
-    g = seqc.build_graph(str(path))
-    return re.sub(r" ?\S+:\d+:\d+$", "", g.dump(), flags=re.M) + repr(sorted(g.weight_shapes().items()))
+def ir_text(path, params=None, source=None, header=True) -> str:
+    """The elaborated IR without source locations (and without its header line)."""
+    g = seqc.build_graph(str(path) if source is None else source, params)
+    text = re.sub(r" ?\S+:\d+:\d+$", "", g.dump(), flags=re.M)
+    if not header:
+        text = text.split("\n", 1)[1]
+    return text + repr(sorted(g.weight_shapes().items()))
 
 
 def check_fmt(files: dict[str, str], directory: str, relaid: dict[str, str] | None = None):
@@ -233,6 +236,27 @@ def test_fmt_round_trip(spec, layout):
     d, _ = _written(spec)
     with d:
         check_fmt(spec.files, d.name, relaid)
+
+
+@fuzz_settings(40)
+@given(specs(), st.data())
+def test_parameter_overrides_and_source_text(spec, data):
+    """Overriding the model's parameters with their own values (as Python numbers, integral
+    floats or command-line text) elaborates to the same IR; so does the main file given as
+    source text instead of a path, when it includes only the standard library."""
+    d, path = _written(spec)
+    with d:
+        want = ir_text(path, header=False)     # the header shows parameter values as written (1 or 1.0)
+        given_ = {}
+        for name, value in spec.params.items():
+            form = data.draw(st.sampled_from(["int", "float", "text", "expr", "none"]), label=name)
+            if form != "none":
+                given_[name] = {"int": value, "float": float(value), "text": str(value),
+                                "expr": f"{value + 1} - 1"}[form]
+        note(f"params={given_}")
+        assert ir_text(path, given_, header=False) == want
+        if len(spec.files) == 1:
+            assert ir_text(None, source=spec.files[MAIN], header=False) == want
 
 
 @fuzz_settings(40)
