@@ -118,9 +118,12 @@ def check_backends(path: str, batch=BATCH, length=LENGTH):
 
 
 def check_plans(path: str, modes: tuple[str, str], batch=BATCH, length=LENGTH):
+    """Two plans agree: on torch (outputs and every gradient) and on the NumPy oracle (outputs)."""
     report = seqc.difftest(path, ("torch", "torch"), modes=modes, batch=batch, length=length, tolerance=TOL)
     assert report.grad_abs is not None
     assert report.ok, f"torch plans {modes[0]} vs {modes[1]} (outputs and parameter gradients):\n{report}"
+    report = seqc.difftest(path, ("numpy", "numpy"), modes=modes, batch=batch, length=length, tolerance=TOL)
+    assert report.ok, f"numpy plans {modes[0]} vs {modes[1]}:\n{report}"
 
 
 def check_faces(path: str, cut: int, batch=BATCH, length=LENGTH, mode="auto", seed_: int = 0):
@@ -285,6 +288,14 @@ def test_mutations_raise_located_errors(spec, data):
         if site.kind in ("unknown name", "bad attribute value", "illegal plan", "dt range"):
             assert (os.path.basename(err.filename), err.line) == (site.file, site.line), text
         assert err.render().startswith(text)
+    # the formatter is syntax only: a program that parses still round-trips
+    for name, text in files.items():
+        try:
+            module = seqc.parse(text, name)
+        except seqc.SeqcError:
+            continue
+        once = format_module(module)
+        assert format_module(seqc.parse(once, name)) == once
 
 
 def test_the_generator_covers_every_op_and_form():
