@@ -296,8 +296,12 @@ class Elaborator:
         attrs_given: dict[str, tuple[Any, Span]] = {}
         attr_names = [a.name for a in spec.attrs]
         pos_attrs = list(attr_names)
+        required = len(spec.inputs) - len(spec.optional_inputs)
         for a in call.args:
-            v = self._eval(a, scope.values, scope)
+            # a bare name in an enum attribute's position is its value (conv1d(x, 4, true, silu)), as
+            # after `activation =`; while required tensor inputs are missing it stays an undefined name
+            enum = bool(pos_attrs) and spec.attr(pos_attrs[0]).type == "enum" and len(tensors) >= required
+            v = self._eval(a, scope.values, scope, enum=enum)
             if isinstance(v, Tensor):
                 if attrs_given:
                     raise SeqcError("tensor argument after attribute arguments", a.span)
