@@ -464,6 +464,8 @@ class Gen:
         if self.flag(0.2):
             extra.append(("dt_max", "0.05", "0.0001", "dt range"))
         self.attrs(line, extra)
+        if not any(key == "plan" for key, *_ in extra):
+            line.mut("", ", plan = conv", "illegal plan")      # an insertion
         line.add(")")
         # an illegal plan is caught when planning (compile), not by build_graph
         line.sites = [(o, old, new, kind, "compile" if kind == "illegal plan" else stage)
