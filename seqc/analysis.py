@@ -15,13 +15,14 @@ import sympy
 
 from . import ast
 from .errors import SeqcError, Span, did_you_mean
-from .ir import Graph, Ref, join
-from .loader import Program, load
+from .limits import how_to_raise, limit
+from .ir import Graph, Ref, dims_equal, join
+from .loader import Program, as_spec, load
 from .parser import parse
 from .registry import OPS, PARAM_FUNCTIONS, REQUIRED, ShapeError
 from .values import Sym, Tensor, arith, as_integer, check_attr, fmt_shape, is_number, kind_of, to_number
 
-MAX_NODES = 200_000
+MAX_NODES = 200_000   # default of SEQC_MAX_NODES (seqc.limits), kept for callers of the old name
 # Names a layer cannot take because every compiled torch module already has them.
 RESERVED_NAMES = frozenset("""
 T_destination add_module apply bfloat16 buffers call_super_init children compile cpu cuda double dump_patches
@@ -56,16 +57,32 @@ class Elaborator:
         self.overrides = dict(overrides or {})
         self.graph: Graph | None = None
         self.stack: list[str] = []
+        self.work = 0            # nodes + statements + block instantiations elaborated so far
+        self.max_work = limit("SEQC_MAX_NODES")
+        self.free_dims: dict[str, Span] = {}   # size symbols the model's inputs introduce (B, L, ...)
+
+    def _count(self, span, what: str) -> None:
+        """One unit of elaboration work; beyond SEQC_MAX_NODES the spec is refused
+        here, before more work (blocks that add no node still count)."""
+        self.work += 1
+        if self.work > self.max_work:
+            raise SeqcError(f"model is too large: elaborating it takes more than {self.max_work:,} steps "
+                            f"(IR nodes, statements and block instantiations; this {what} is where the limit was "
+                            f"reached; {how_to_raise('SEQC_MAX_NODES')})", span)
 
     # entry point
     def run(self) -> Graph:
         model = self.program.model
         params = self._bind_params(model, self.overrides, model.span, from_python=True)
         shown = {k: to_number(v) for k, v in params.items()}
+        if model.name.startswith("__") or model.name in RESERVED_NAMES:
+            raise SeqcError(f"'{model.name}' cannot name a model (names starting with '__' and attribute names "
+                            f"of compiled modules are reserved)", model.span)
         self.graph = Graph(model.name, shown)
         scope = _Scope(model, "", params)
         outs = self._body(scope, inputs=None)
         self.graph.outputs = [t.ref for t in outs]
+        _warn_unused_layers(self.graph)
         total = sum(math.prod(s) for s in self.graph.weight_shapes().values())
         if total > MAX_WEIGHTS:
             raise SeqcError(f"model '{model.name}' would have {total:,} weights (at most {MAX_WEIGHTS:,}); "
@@ -105,6 +122,10 @@ class Elaborator:
     def _python_value(self, p: ast.Param, value, definition):
         if isinstance(value, str):
             # `--param d=64` from the command line: parse it as an expression of the language
+            bad = next((ch for ch in value if ch in "{}\n\r#" or ord(ch) < 32 or ord(ch) == 127), None)
+            if bad is not None:
+                raise SeqcError(f"bad value {value[:60]!r} for parameter '{p.name}': {bad!r} cannot appear in a "
+                                f"parameter value (one expression on one line)", p.span)
             try:
                 module = parse(f"model _P() {{\n  _v = {value}\n}}\n", f"<param {p.name}>")
                 expr = module.definitions[0].body[0].value
@@ -137,6 +158,7 @@ class Elaborator:
         returned = None
         k = 0
         for stmt in d.body:
+            self._count(stmt.span, "statement")
             if returned is not None:
                 raise SeqcError("statement after 'return'", stmt.span)
             if isinstance(stmt, ast.InputDecl):
@@ -162,6 +184,7 @@ class Elaborator:
         for i, e in enumerate(stmt.dims):
             if isinstance(e, ast.Name) and e.id not in scope.values:
                 if actual is None:
+                    self._free_dim(scope, stmt, e)
                     scope.values[e.id] = sympy.Symbol(e.id, positive=True, integer=True)
                 elif i < len(actual.shape):
                     scope.values[e.id] = actual.shape[i]
@@ -179,13 +202,31 @@ class Elaborator:
             raise SeqcError(f"input '{stmt.name}' of block '{scope.definition.name}' expects "
                             f"{fmt_shape(dims)}, got {fmt_shape(actual.shape)}", call_span)
         for i, (want, got) in enumerate(zip(dims, actual.shape)):
-            if sympy.simplify(want - got) != 0:
+            if not dims_equal(want, got):
                 raise SeqcError(f"input '{stmt.name}' of block '{scope.definition.name}': dimension {i} is "
                                 f"{got} but the block expects {want} (shape {fmt_shape(dims)})", call_span)
         if actual.dtype != dtype:
             raise SeqcError(f"input '{stmt.name}' of block '{scope.definition.name}' expects {dtype} elements, "
                             f"got {actual.dtype}", call_span)
         scope.values[stmt.name] = actual
+
+    def _free_dim(self, scope, stmt: ast.InputDecl, e: ast.Name):
+        """A model input's dimension names a size that is not a parameter: the batch
+        and length symbols (at most two, as `run` and `difftest` choose only those);
+        a name close to a known number is almost certainly a typo."""
+        if e.id in self.free_dims:
+            return
+        numbers = [n for n, v in scope.values.items() if is_number(v)]
+        hint = did_you_mean(e.id, numbers)
+        if hint:
+            raise SeqcError(f"unknown name '{e.id}' in the shape of input '{stmt.name}'{hint}; a dimension is a "
+                            f"parameter, a number or a free size symbol such as B or L", e.span)
+        if len(self.free_dims) >= 2:
+            first = ", ".join(self.free_dims)
+            raise SeqcError(f"unknown name '{e.id}' in the shape of input '{stmt.name}': the model already has the "
+                            f"free size symbols {first} (batch and length); other dimensions must be parameters or "
+                            f"numbers{did_you_mean(e.id, numbers + list(PARAM_FUNCTIONS))}", e.span)
+        self.free_dims[e.id] = e.span
 
     def _assign(self, scope: _Scope, stmt: ast.Assign):
         value = stmt.value
@@ -268,6 +309,7 @@ class Elaborator:
             raise SeqcError(f"block '{call.func}' instantiates itself ({cycle})", call.span)
         if len(self.stack) >= MAX_DEPTH:
             raise SeqcError(f"blocks nested more than {MAX_DEPTH} deep", call.span)
+        self._count(call.span, f"instantiation of block '{call.func}'")
         given = {}
         for kw in call.kwargs:
             v = self._eval(kw.value, scope.values, scope)
@@ -375,7 +417,7 @@ class Elaborator:
             known = [n for n, v in scope.values.items() if is_number(v)]
             raise SeqcError(f"'{spec.name}' needs a known size for dimension {i} of its input, but it is the "
                             f"symbol '{d}'{did_you_mean(str(d), known)}", tensors[k][1]) from None
-        owns = spec.has_weights or spec.stateful
+        owns = spec.is_layer
         if owns:
             if module is None:
                 module = self._auto_name(scope, spec.name)
@@ -398,8 +440,7 @@ class Elaborator:
                 raise SeqcError(f"'as self' places a layer's weights in its block, but '{spec.name}' has none",
                                 call.span)
             name = name_hint or (join(scope.path, module) if module else "")
-        if len(self.graph.nodes) >= MAX_NODES:
-            raise SeqcError(f"model is too large (more than {MAX_NODES} nodes)", call.span)
+        self._count(call.span, f"'{spec.name}' layer")
         node = self.graph.add(spec.name, [t.ref for t, _ in tensors], attrs, out_shapes, name=name, span=call.span,
                               dtype="float")
         outs = [Tensor(Ref(node.id, i), tuple(s), "float") for i, s in enumerate(out_shapes)]
@@ -415,6 +456,13 @@ class Elaborator:
                 raise SeqcError(f"'{spec.name}' needs argument '{a.name}'" + (f" ({a.doc})" if a.doc else ""), span)
             else:
                 attrs[a.name] = a.default
+        if spec.validate is not None:
+            try:
+                spec.validate(attrs)
+            except ShapeError as e:       # point at an attribute the check names, if the spec gave one
+                named = e.attr if isinstance(e.attr, tuple) else (e.attr,)
+                where = next((given[k][1] for k in named if k in given), span)
+                raise SeqcError(f"'{spec.name}': {e.message}", where) from None
         return attrs
 
     # -- expressions ----------------------------------------------------------------
@@ -463,7 +511,13 @@ class Elaborator:
                 if not args or (e.func in ("ceil", "floor", "int", "round") and len(args) != 1):
                     raise SeqcError(f"'{e.func}' takes {'one argument' if e.func not in ('min', 'max') else 'arguments'}",
                                     e.span)
-                return PARAM_FUNCTIONS[e.func](*args)
+                try:
+                    r = PARAM_FUNCTIONS[e.func](*args)
+                except (OverflowError, ValueError, ZeroDivisionError) as err:
+                    raise SeqcError(f"'{e.func}' of {', '.join(str(a) for a in args)}: {err}", e.span) from None
+                if isinstance(r, int) and not isinstance(r, bool) and abs(r) > 2 ** 62:
+                    raise SeqcError(f"'{e.func}' gives {r:.3g}, too large for a size (at most 2**62)", e.span)
+                return r
             if scope is None:
                 raise SeqcError(f"'{e.func}' cannot be used in a parameter expression", e.span)
             if e.func in self.program.definitions:
@@ -486,12 +540,23 @@ class Elaborator:
         if not all(isinstance(v, (sympy.Expr, int)) and not isinstance(v, bool) for v in (a, b)):
             raise SeqcError(f"cannot apply '{e.op}' to {kind_of(a)} and {kind_of(b)}", e.span)
         a, b = sympy.sympify(a), sympy.sympify(b)
-        ops = {"+": a + b, "-": a - b, "*": a * b}
-        if e.op in ops:
-            return ops[e.op]
+        if e.op not in ("+", "-", "*", "//"):
+            raise SeqcError(f"'{e.op}' is not supported on symbolic dimensions", e.span)
         if e.op == "//":
-            return sympy.floor(a / b)
-        raise SeqcError(f"'{e.op}' is not supported on symbolic dimensions", e.span)
+            if b == 0:
+                raise SeqcError("division by zero", e.span)
+            # floor(floor(x) / n) == floor(x / n) for an integer n > 0: keeps `L // 2 // 2 ...` one floor deep
+            if isinstance(a, sympy.floor) and b.is_Integer and b > 0:
+                r = sympy.floor(a.args[0] / b)
+            else:
+                r = sympy.floor(a / b)
+        else:
+            r = {"+": a + b, "-": a - b, "*": a * b}[e.op]
+        most = limit("SEQC_MAX_DIM_OPS")
+        if sympy.count_ops(r) > most:
+            raise SeqcError(f"shape expression too complex (more than {most} operations; "
+                            f"{how_to_raise('SEQC_MAX_DIM_OPS')})", e.span)
+        return r
 
     def _tensor_binop(self, scope, e: ast.BinOp, a, b, name):
         ops = {"+": "add", "-": "sub", "*": "mul"}
@@ -508,11 +573,46 @@ class Elaborator:
         except ShapeError as err:
             raise SeqcError(f"'{e.op}': {err.message}: {fmt_shape(a.shape)} vs {fmt_shape(b.shape)}",
                             e.span) from None
+        self._count(e.span, f"'{e.op}'")
         node = self.graph.add(spec.name, [a.ref, b.ref], {}, shapes, name=name, span=e.span)
         return Tensor(Ref(node.id), tuple(shapes[0]), "float")
 
 
-def build_graph(spec, params: dict | None = None) -> Graph:
-    """Elaborate `spec` (path or source text) with parameter overrides into the IR."""
-    program = load(spec)
+def _warn_unused_layers(graph: Graph) -> None:
+    """A layer with weights whose result reaches no output: its weights are trained
+    by nothing and sit in the state_dict unused -- usually a typo.  Warn (located)."""
+    import networkx as nx
+    import warnings
+
+    from .errors import SeqcWarning
+    live = set()
+    for r in graph.outputs:
+        live.add(r.node)
+        live |= nx.ancestors(graph.nx, r.node)
+    for n in graph.nodes.values():
+        if n.id not in live and n.op != "input" and n.spec is not None and n.spec.has_weights:
+            warnings.warn(SeqcWarning(f"the result of '{n.op}' layer '{n.name}' is never used (its weights reach "
+                                      f"no output)", n.span), stacklevel=2)
+
+
+def build_graph(spec=None, params: dict | None = None, *, path=None, source=None, include_paths=None,
+                allow_any_include=None) -> Graph:
+    """Elaborate a spec with parameter overrides into the IR.
+
+    The spec is `spec` (a ``pathlib.Path`` or ``seqc.Spec`` names a file; a str
+    follows the rule of ``seqc.loader``), or explicitly ``path=`` (a file) or
+    ``source=`` (its text).  ``include_paths`` are extra directories that
+    ``include`` may resolve against; ``allow_any_include=True`` lifts the
+    include roots.  ``params`` maps top-level parameter names to values."""
+    if params is not None and not isinstance(params, dict):
+        raise SeqcError(f"params must be a dict of parameter names to values, not {type(params).__name__}")
+    for k in params or {}:
+        if not isinstance(k, str):
+            raise SeqcError(f"params keys must be parameter names (str), got {k!r}")
+    how = {k: v for k, v in (("include_paths", include_paths), ("allow_any_include", allow_any_include))
+           if v is not None}
+    if isinstance(spec, ast.Module) and path is None and source is None:
+        program = load(spec, **how)
+    else:
+        program = load(as_spec(spec, path=path, source=source, **how))
     return Elaborator(program, params).run()

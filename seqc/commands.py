@@ -20,12 +20,27 @@ _PLAN_OPTS = [
     _opt("--backend", default="torch", help="numpy | torch | triton"),
     _opt("--mode", default="auto", help="auto | conv | scan | recurrent"),
     _opt("--training", action="store_true", help="plan for forward+backward instead of inference"),
+    _opt("--device", default="cpu", help="cpu | cuda (the planner's machine model)"),
+    _opt("--dtype", default=None, help="float64 | float32 | bfloat16 | float16 (default: the backend's)"),
 ]
+
+
+def _itemsize(dtype: str) -> int:
+    """Bytes per element of a dtype name (for memory estimates)."""
+    return {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}.get(dtype, 4)
 
 
 def _positive(name, v):
     if v is None or v < 1:
         raise SeqcError(f"--{name} must be a positive integer, got {v}")
+    if v > 2 ** 40:
+        raise SeqcError(f"--{name} {v} is too large (at most {2 ** 40})")
+    return v
+
+
+def _seed(v):
+    if v is None or not 0 <= v < 2 ** 63:
+        raise SeqcError(f"--seed must be a non-negative integer below 2**63, got {v}")
     return v
 
 
@@ -34,7 +49,8 @@ def _plan(args, instruments=None, pipeline=None, graph=None):
     from .compiler import plan_graph
     return plan_graph(graph if graph is not None else args.file, args.backend, _params(args.param), args.mode,
                       length=_positive("length", args.length), batch=_positive("batch", args.batch),
-                      training=args.training, pipeline=pipeline, instruments=instruments)
+                      training=args.training, pipeline=pipeline, instruments=instruments, device=args.device,
+                      dtype=args.dtype)
 
 
 @command("passes", "list the pass pipeline and dump the IR between passes")
@@ -76,12 +92,17 @@ cmd_passes.options = _PLAN_OPTS + [
 
 @command("explain", "show, per layer, the plans considered, their predicted cost and the winner")
 def cmd_explain(args) -> int:
+    from .backend import get_backend
     from .passes import explain
     from .passes.manager import PlanContext
+    from .memory import estimate
     g = _plan(args)
+    be = get_backend(args.backend)
+    dtype = args.dtype or be.default_dtype
     ctx = PlanContext(batch=args.batch, length=args.length, backend=args.backend, training=args.training,
-                      mode=args.mode)
+                      mode=args.mode, device=args.device, dtype=dtype, machine=be.machine(args.device, dtype))
     sys.stdout.write(explain(g, ctx))
+    print(estimate(g, args.batch, args.length, _itemsize(dtype)))
     return 0
 
 
@@ -90,12 +111,10 @@ cmd_explain.options = _PLAN_OPTS
 
 @command("emit", "print the generated source for a backend")
 def cmd_emit(args) -> int:
+    from .backend import get_backend
+    from .lower import lower
     g = _plan(args)
-    if args.backend == "numpy":
-        from .backends.numpy.codegen import emit
-    else:
-        from .backends.torch.codegen import emit
-    sys.stdout.write(emit(g))
+    sys.stdout.write(get_backend(args.backend).emit(lower(g)))
     return 0
 
 
@@ -106,21 +125,28 @@ cmd_emit.options = _PLAN_OPTS
 def cmd_run(args) -> int:
     import numpy as np
 
+    from .analysis import build_graph
+    from .backend import get_backend
     from .compiler import compile
+    from .memory import check_fits, estimate
     B, L = _positive("batch", args.batch), _positive("length", args.length)
-    model = compile(args.file, backend=args.backend, params=_params(args.param), mode=args.mode, seed=args.seed,
-                    length=L, batch=B, training=False)
+    be = get_backend(args.backend)
+    seed = _seed(args.seed)
+    if args.max_memory is not None and not args.max_memory > 0:
+        raise SeqcError(f"--max-memory must be a positive number of bytes, got {args.max_memory}")
+    graph = build_graph(args.file, _params(args.param))
+    check_fits(estimate(graph, B, L, _itemsize(be.default_dtype)), args.max_memory)  # before allocating
+    model = compile(graph, backend=args.backend, mode=args.mode, seed=seed, length=L, batch=B, training=False)
+    if hasattr(model, "eval"):
+        model.eval()   # inference: dropout off
     graph = model.graph
-    xs = random_inputs(graph, B, L, np.random.default_rng(args.seed))
+    xs = random_inputs(graph, B, L, np.random.default_rng(seed))
     t0 = time.perf_counter()
-    if args.backend == "numpy":
-        ys = as_list(model(*xs, model.weights))
-    else:
-        import torch
-        with torch.no_grad():
-            ts = [torch.as_tensor(x) if x.dtype.kind == "i" else torch.as_tensor(x, dtype=torch.float32) for x in xs]
-            ys = [y.float().numpy() for y in as_list(model(*ts))]
-    dt = time.perf_counter() - t0
+    ys = be.forward(model, xs)
+    first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    be.forward(model, xs)
+    second = time.perf_counter() - t0
     print(f"model {graph.name} on {args.backend}: input {' '.join(str(tuple(x.shape)) for x in xs)} -> "
           f"output {' '.join(str(tuple(np.shape(y))) for y in ys)}")
     finite = True
@@ -130,12 +156,15 @@ def cmd_run(args) -> int:
         label = f"  output {k}:" if len(ys) > 1 else " "
         print(f"{label} mean {y.mean():+.6f}  std {y.std():.6f}  min {y.min():+.6f}  max {y.max():+.6f}  "
               f"finite {bool(np.isfinite(y).all())}")
-    print(f"  {dt * 1e3:.1f} ms")
+    print(f"  forward {second * 1e3:.1f} ms (first call {first * 1e3:.1f} ms, includes one-time compilation and "
+          f"warm-up)")
     return 0 if finite else 1
 
 
 cmd_run.options = [
-    _opt("--backend", default="numpy", help="numpy | torch | triton"),
+    _opt("--backend", default="torch", help="numpy | torch | triton (default torch, like seqc.compile)"),
+    _opt("--max-memory", type=float, default=None, metavar="BYTES",
+         help="refuse a run whose estimated weights + activations exceed BYTES (default SEQC_MAX_MEMORY or 8 GiB)"),
     _opt("--length", "-L", type=int, default=64),
     _opt("--batch", "-B", type=int, default=2),
     _opt("--seed", type=int, default=0),
@@ -143,33 +172,43 @@ cmd_run.options = [
 ]
 
 
-@command("difftest", "run two backends on the same weights and inputs and compare every node")
+@command("difftest", "run two backends (or plans) on the same weights and inputs; compare every node, the "
+                     "gradients of inputs and parameters, and stepping against the forward pass")
 def cmd_difftest(args) -> int:
     from .differential import difftest
+    _seed(args.seed)
     backends = tuple(b.strip() for b in args.backends.split(","))
     modes = tuple(m.strip() for m in args.modes.split(",")) if args.modes else ("auto",) * len(backends)
     if len(modes) != len(backends):
         raise SeqcError(f"--modes needs one mode per backend ({len(backends)}), got {len(modes)}")
-    report = difftest(args.file, backends, _params(args.param), seed=args.seed,
+    report = difftest(args.file, backends, _params(args.param), seed=args.seed, dtype=args.dtype,
                       batch=_positive("batch", args.batch), length=_positive("length", args.length),
-                      modes=modes, tolerance=args.tolerance)
+                      modes=modes, tolerance=args.tolerance, grads=not args.no_grads, step=not args.no_step)
     print(report)
     return 0 if report.ok else 1
 
 
 cmd_difftest.options = [
-    _opt("--backends", default="numpy,torch", help="two backends, comma-separated"),
+    _opt("--backends", default="numpy,torch", help="two backends, comma-separated (the same one twice with "
+         "--modes compares two plans)"),
     _opt("--modes", default=None, help="plan modes for the two runs, e.g. conv,scan"),
+    _opt("--dtype", default="float64", help="float64 | float32 | bfloat16 (sets the tolerances)"),
     _opt("--length", "-L", type=int, default=16),
     _opt("--batch", "-B", type=int, default=2),
     _opt("--seed", type=int, default=0),
-    _opt("--tolerance", type=float, default=1e-8),
+    _opt("--tolerance", type=str, default=None, help="relative tolerance on values (default: by dtype)"),
+    _opt("--no-grads", action="store_true", help="skip the gradient comparison"),
+    _opt("--no-step", action="store_true", help="skip stepping against the forward pass"),
 ]
 
 
 @command("bench", "time forward, forward+backward and per-token step of a compiled spec for each plan")
 def cmd_bench(args) -> int:
     from .benchmark import bench
+    from .backend import get_backend
+    if not get_backend(args.backend).autograd:
+        raise SeqcError(f"bench times forward+backward and needs an autograd backend; --backend {args.backend} "
+                        f"has none (use --backend torch)")
     rows = bench(args.file, _params(args.param), backend=args.backend, length=_positive("length", args.length),
                  batch=_positive("batch", args.batch), repeat=_positive("repeat", args.repeat),
                  steps=_positive("steps", args.steps), modes=tuple(args.modes.split(",")))
@@ -179,7 +218,7 @@ def cmd_bench(args) -> int:
 
 
 cmd_bench.options = [
-    _opt("--backend", default="torch", help="numpy | torch"),
+    _opt("--backend", default="torch", help="numpy | torch | triton"),
     _opt("--length", "-L", type=int, default=1024),
     _opt("--batch", "-B", type=int, default=2),
     _opt("--repeat", type=int, default=3),
@@ -188,14 +227,18 @@ cmd_bench.options = [
 ]
 
 
-@command("fmt", "print the spec in canonical form (comments are not kept)")
+@command("fmt", "print the spec in canonical form (comments are kept)")
 def cmd_fmt(args) -> int:
-    from .fmt import format_module
-    from .parser import parse_file
-    text = format_module(parse_file(args.file))
+    from .fmt import format_source
+    spec = args.file
+    original = spec.source if spec.path is None else None
+    if original is None:
+        from .parser import read_spec_bytes
+        original = read_spec_bytes(spec.path)
+    text = format_source(original, spec.name, quote=spec.path is None or spec.name.endswith(".seq"))
+    original = original.decode("utf-8") if isinstance(original, bytes) else original   # valid: it parsed
     if args.check:
-        with open(args.file, encoding="utf-8") as f:
-            return 0 if f.read() == text else 1
+        return 0 if original == text else 1
     sys.stdout.write(text)
     return 0
 

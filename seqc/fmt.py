@@ -4,8 +4,15 @@
 layout: includes first as written, one blank line between items, two-space
 indentation, spaces around ``=`` and binary operators, and only the
 parentheses the grammar needs.  ``parse(format_module(m)) == m`` for every
-module the parser produces (spans and comments are not kept), and formatting
-is idempotent.
+module the parser produces, and formatting is idempotent.
+
+``format_source(text)`` formats source text and keeps its comments: the parser
+drops them, so they are read from the text with their line numbers and put
+back next to the item or statement they were written beside (a comment on its
+own line stays on its own line before the next statement, or before the
+closing brace; a trailing comment stays at the end of its statement's last
+line; several trailing comments inside one wrapped statement go on their own
+lines before it).
 """
 from __future__ import annotations
 
@@ -25,8 +32,80 @@ _SUM, _PRODUCT, _UNARY, _POWER, _ATOM = 1, 2, 3, 4, 5
 _BINARY = {"+": _SUM, "-": _SUM, "*": _PRODUCT, "/": _PRODUCT, "//": _PRODUCT, "%": _PRODUCT, "**": _POWER}
 
 
-def format_module(module: ast.Module) -> str:
-    """The canonical text of `module` (ends with one newline)."""
+def format_source(text, filename: str = "<string>", *, quote: bool = True) -> str:
+    """The canonical text of source `text` (str or UTF-8 bytes), comments kept."""
+    from .parser import parse
+    module = parse(text, filename, quote=quote)
+    if isinstance(text, (bytes, bytearray)):
+        text = bytes(text).decode("utf-8")
+    return format_module(module, comments(text), _code_lines(text))
+
+
+def _split(line: str) -> tuple[str, str | None]:
+    """(code, comment or None) of one source line; '#' inside a string is not a comment."""
+    in_string = False
+    for k, ch in enumerate(line):
+        if ch == '"':
+            in_string = not in_string
+        elif ch == "#" and not in_string:
+            return line[:k], line[k:].rstrip()
+    return line, None
+
+
+def comments(text: str) -> list[tuple[int, str, bool]]:
+    """(line, '# text', alone-on-its-line) for every comment of `text`."""
+    out = []
+    for no, line in enumerate(text.split("\n"), 1):
+        code, comment = _split(line)
+        if comment is not None:
+            out.append((no, comment, not code.strip()))
+    return out
+
+
+def _code_lines(text: str) -> list[str]:
+    return [_split(line)[0] for line in text.split("\n")]
+
+
+class _Comments:
+    """Comments not yet placed, consumed in line order; `code` (the source lines
+    without comments) tells where a span's last token really is -- the parser's
+    spans run on over the newlines (and comment lines) that end a statement."""
+
+    def __init__(self, items, code):
+        self.items = sorted(items)
+        self.code = code
+
+    def last_line(self, span) -> int:
+        for line in range(span.end_line or span.line, span.line - 1, -1):
+            part = self.code[line - 1] if line - 1 < len(self.code) else ""
+            if line == span.end_line and span.end_column:
+                part = part[:span.end_column - 1]
+            if part.strip():
+                return line
+        return span.line
+
+    def before(self, line: int) -> list[str]:
+        """Comments above `line`, in order."""
+        out = []
+        while self.items and self.items[0][0] < line:
+            out.append(self.items.pop(0)[1])
+        return out
+
+    def within(self, first: int, last: int) -> tuple[list[str], list[str]]:
+        """(own-line comments, trailing comments) on lines first..last."""
+        alone, trailing = [], []
+        while self.items and self.items[0][0] <= last:
+            line, txt, own = self.items.pop(0)
+            (alone if own or line < first else trailing).append(txt)
+        return alone, trailing
+
+
+def format_module(module: ast.Module, comments: list | None = None, code: list | None = None) -> str:
+    """The canonical text of `module` (ends with one newline); `comments` as
+    given by ``comments(text)`` are put back where they were (`code`: the
+    source's lines without comments, as ``format_source`` passes them)."""
+    if comments:
+        return _with_comments(module, _Comments(comments, code or []))
     chunks = [_item(item) for item in module.items]
     out = []
     for k, chunk in enumerate(chunks):
@@ -40,6 +119,55 @@ def format_module(module: ast.Module) -> str:
 def format_expr(e: ast.Expr) -> str:
     """One expression on one line, minimally parenthesised."""
     return _expr(e, 0)
+
+
+def _with_comments(module: ast.Module, cs: _Comments) -> str:
+    out = []
+    for k, item in enumerate(module.items):
+        if k and not (isinstance(item, ast.Include) and isinstance(module.items[k - 1], ast.Include)):
+            out.append("")
+        out += cs.before(item.span.line)
+        if isinstance(item, ast.Include):
+            alone, trailing = cs.within(item.span.line, cs.last_line(item.span))
+            out += alone
+            out.append(_trail(f"include {_string(item.path)}", trailing))
+            continue
+        out.append(_definition_with_comments(item, cs))
+    rest = cs.before(10 ** 9)
+    if rest:
+        if out:
+            out.append("")
+        out += rest
+    return "\n".join(out) + "\n" if out else ""
+
+
+def _trail(text: str, trailing: list[str]) -> str:
+    return text + "".join(f"  {t}" for t in trailing)
+
+
+def _definition_with_comments(item: ast.Definition, cs: _Comments) -> str:
+    if item.kind not in ("model", "block"):
+        raise ValueError(f"definition kind must be 'model' or 'block', got {item.kind!r}")
+    params = ", ".join(_param(p) for p in item.params)
+    head = item.span.line
+    close = cs.last_line(item.span)                       # the line of '}'
+    body_start = item.body[0].span.line if item.body else close
+    _, trailing = cs.within(head, head)                   # beside the header's first line
+    lines = [_trail(f"{item.kind} {_name(item.name)}({params}) {{", trailing)]
+    # a header over several lines (long parameter lists): its comments follow it, indented
+    lines += [INDENT + c for c in cs.before(body_start)]
+    for s in item.body:
+        lines += [INDENT + c for c in cs.before(s.span.line)]
+        alone, trailing = cs.within(s.span.line, cs.last_line(s.span))
+        if len(trailing) > 1:
+            alone, trailing = alone + trailing, []
+        lines += [INDENT + c for c in alone]
+        lines.append(INDENT + _trail(_stmt(s), trailing))
+    lines += [INDENT + c for c in cs.before(close)]
+    alone, trailing = cs.within(close, close)
+    lines += [INDENT + c for c in alone]
+    lines.append(_trail("}", trailing))
+    return "\n".join(lines)
 
 
 # -- items and statements -------------------------------------------------------------------

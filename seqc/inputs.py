@@ -13,6 +13,18 @@ def declared_inputs(graph) -> list[tuple]:
     return [(graph.nodes[i].attrs["name"], graph.nodes[i].shape, graph.nodes[i].dtype) for i in graph.inputs]
 
 
+def _kind(dtype) -> str:
+    """'c' complex, 'b' bool, 'i' integer, 'f' floating, for torch and NumPy dtypes."""
+    if hasattr(dtype, "is_floating_point"):          # torch
+        if dtype.is_complex:
+            return "c"
+        if dtype.is_floating_point:
+            return "f"
+        return "b" if str(dtype) == "torch.bool" else "i"
+    k = np.dtype(dtype).kind
+    return {"u": "i"}.get(k, k)
+
+
 def _is_int(dtype) -> bool:
     if hasattr(dtype, "is_floating_point"):          # torch
         return not (dtype.is_floating_point or dtype.is_complex)
@@ -38,6 +50,15 @@ def check_inputs(declared, xs, step: bool = False) -> None:
             elif bound.setdefault(str(d), n) != n:
                 raise SeqcError(f"input '{name}': dimension {i} ({d}) is {n}, but {d} = {bound[str(d)]} "
                                 f"in an earlier input")
+        kind = _kind(x.dtype)
+        if kind == "c":
+            raise SeqcError(f"input '{name}' is complex ({x.dtype}); seqc models take real inputs (pass the real "
+                            f"and imaginary parts as separate features if you mean both)")
+        if kind == "b":
+            raise SeqcError(f"input '{name}' holds booleans; it takes "
+                            f"{'integer tokens' if dtype == 'int' else 'float values'}")
+        if kind not in "if":
+            raise SeqcError(f"input '{name}' has element type {x.dtype}, not numbers")
         if (dtype == "int") != _is_int(x.dtype):
             want = "integer tokens" if dtype == "int" else "float values"
             raise SeqcError(f"input '{name}' takes {want}, got {x.dtype}")

@@ -56,6 +56,25 @@ class Node:
     input_shapes: tuple = ()
 
 
+def dims_equal(a, b) -> bool:
+    """Whether two dimensions (ints or sympy expressions) are provably equal.
+    Cheap checks first; ``sympy.simplify`` (which can take very long) only on
+    expressions of at most SEQC_MAX_DIM_OPS operations."""
+    import sympy
+
+    from .limits import limit
+    if a == b:
+        return True
+    d = sympy.sympify(a) - sympy.sympify(b)
+    if d.is_number:
+        return d == 0
+    if sympy.expand(d) == 0:
+        return True
+    if sympy.count_ops(d) > limit("SEQC_MAX_DIM_OPS"):
+        return False
+    return sympy.simplify(d) == 0
+
+
 def join(*parts: str) -> str:
     return ".".join(p for p in parts if p)
 
@@ -132,7 +151,7 @@ class Graph:
 
     def layers(self) -> list[Node]:
         """Nodes that own weights or state (the modules of a backend)."""
-        return [n for n in self.order() if n.spec is not None and (n.spec.has_weights or n.spec.stateful)]
+        return [n for n in self.order() if n.spec is not None and n.spec.is_layer]
 
     def weight_shapes(self) -> dict[str, tuple]:
         out = {}
@@ -235,8 +254,7 @@ def _check_shapes(g: "Graph", n: Node) -> list[str]:
     except Exception as e:  # noqa: BLE001 - any failure of the rule is a broken invariant
         return [f"%{n.id}: {n.op} rejects its inputs: {e}"]
     same = len(want) == len(n.shapes) and all(
-        len(a) == len(b) and all(x == y or sympy.simplify(sympy.sympify(x) - sympy.sympify(y)) == 0
-                                 for x, y in zip(a, b))
+        len(a) == len(b) and all(dims_equal(x, y) for x, y in zip(a, b))
         for a, b in zip(want, n.shapes))
     return [] if same else [f"%{n.id}: recorded shapes {n.shapes} but {n.op} gives {tuple(map(tuple, want))}"]
 
@@ -280,5 +298,6 @@ def format_node(n: Node) -> str:
 
 
 def _short(path: str) -> str:
+    """A span's file as dumps show it: standard-library files as std/NAME.seq, others by base name."""
     import os
-    return os.path.basename(path)
+    return path if path.startswith("std/") else os.path.basename(path)

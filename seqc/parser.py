@@ -4,10 +4,11 @@ of Lark's errors into located ``SeqcError``s written in plain words."""
 from __future__ import annotations
 
 import functools
+import os
 import re
+import stat
 import threading
 from importlib import resources
-from pathlib import Path
 
 import lark
 from lark import Token, Transformer, v_args
@@ -15,10 +16,10 @@ from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput
 
 from . import ast
 from .errors import SeqcError, Span, forget_source, remember_source
+from .limits import how_to_raise, limit
 
 MAX_NESTING = 64          # brackets deep
 MAX_INT = 2 ** 62         # integer literals beyond this are refused
-MAX_SOURCE = 4_000_000    # characters
 
 _WORDS = {
     "NAME": "a name", "NUMBER": "a number", "STRING": "a string", "_NL": "end of line",
@@ -225,10 +226,11 @@ def _check_text(source, filename) -> str:
             line = bytes(source)[:e.start].count(b"\n") + 1
             forget_source(filename)
             raise SeqcError("file is not UTF-8 text (it looks binary)", filename=filename, line=line, column=1)
-    if len(source) > MAX_SOURCE:
+    most = limit("SEQC_MAX_SPEC_BYTES")
+    if len(source) > most:
         forget_source(filename)
-        raise SeqcError(f"file is too large ({len(source)} characters; at most {MAX_SOURCE})",
-                        filename=filename, line=1, column=1)
+        raise SeqcError(f"spec is too large ({len(source)} characters; at most {most}; "
+                        f"{how_to_raise('SEQC_MAX_SPEC_BYTES')})", filename=filename)
     remember_source(filename, source)
     for i, line in enumerate(source.splitlines(), 1):
         bad = next((j for j, ch in enumerate(line) if ch == "\x00" or (ord(ch) < 32 and ch not in "\t\r\f")), None)
@@ -240,8 +242,26 @@ def _check_text(source, filename) -> str:
     return source
 
 
-def parse(source, filename: str = "<string>") -> ast.Module:
-    """Parse the text of one .seq file into an ``ast.Module``."""
+def parse(source, filename: str = "<string>", *, quote: bool = True) -> ast.Module:
+    """Parse the text of one .seq file into an ``ast.Module``.
+
+    ``quote=False`` (files whose name does not end in ``.seq``): an error says
+    where parsing failed but never quotes the text, and the text is not kept
+    for carets -- so pointing seqc at a file that is not a spec cannot print
+    its bytes."""
+    if not quote:
+        try:
+            return _parse(source, filename)
+        except SeqcError as e:
+            forget_source(filename)
+            raise SeqcError("not a .seq spec: it does not parse (its text is not shown because the file name "
+                            "does not end in '.seq')", filename=filename, line=e.line, column=e.column) from None
+        finally:
+            forget_source(filename)
+    return _parse(source, filename)
+
+
+def _parse(source, filename: str) -> ast.Module:
     source = _check_text(source, filename)     # also remembers it, for error carets
     parser = _parser()
     import sys
@@ -335,11 +355,53 @@ def _join(words) -> str:
     return ", ".join(words[:-1]) + " or " + words[-1]
 
 
-def parse_file(path) -> ast.Module:
-    """Read and parse a .seq file; a missing or unreadable file is a SeqcError."""
-    p = Path(path)
+def read_spec_bytes(path) -> bytes:
+    """The bytes of the spec file `path`, checked before and while reading: it
+    must be a regular file (not a FIFO, device or directory, which could block
+    or never end) no larger than SEQC_MAX_SPEC_BYTES; at most that many bytes
+    plus one are ever read."""
+    name = os.fspath(path)
+    most = limit("SEQC_MAX_SPEC_BYTES")
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_BINARY", 0)
     try:
-        data = p.read_bytes()
+        fd = os.open(name, flags)   # non-blocking: opening a FIFO must not wait for a writer
     except OSError as e:
         raise SeqcError(f"cannot read file: {e.strerror or e}", filename=str(path)) from None
-    return parse(data, str(path))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(mode)
+                    else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket"
+                    if stat.S_ISSOCK(mode) else "not a plain file")
+            raise SeqcError(f"cannot read file: it is {kind}, not a regular file (use '-' to read a spec "
+                            f"from standard input)", filename=str(path))
+        size = os.fstat(fd).st_size
+        if size > most:
+            raise SeqcError(f"spec file is too large ({size} bytes; at most {most}; "
+                            f"{how_to_raise('SEQC_MAX_SPEC_BYTES')})", filename=str(path))
+        chunks, got = [], 0
+        while got <= most:
+            chunk = os.read(fd, min(1 << 20, most + 1 - got))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            got += len(chunk)
+    except OSError as e:
+        raise SeqcError(f"cannot read file: {e.strerror or e}", filename=str(path)) from None
+    finally:
+        os.close(fd)
+    if got > most:   # it grew while we read it
+        raise SeqcError(f"spec file is too large (more than {most} bytes; {how_to_raise('SEQC_MAX_SPEC_BYTES')})",
+                        filename=str(path))
+    return b"".join(chunks)
+
+
+def is_spec_name(path) -> bool:
+    """Files named *.seq are specs; the text of any other file is never quoted in errors."""
+    return os.fspath(path).endswith(".seq")
+
+
+def parse_file(path, name: str | None = None) -> ast.Module:
+    """Read and parse a .seq file (named `name` in spans and errors, default the
+    path); a missing, unreadable or oversized file is a SeqcError."""
+    return parse(read_spec_bytes(path), name or os.fspath(path), quote=is_spec_name(path))

@@ -212,6 +212,16 @@ def test_unknown_enum_value_did_you_mean():
     check(e, 3, 14, "unknown value 's4d-lni'", "did you mean 's4d-lin'")
 
 
+def test_cross_attribute_check_dt_min_above_dt_max():
+    line = "  y = ssm(x, dt_min = 0.5, dt_max = 0.01)"
+    e = error_of(model(line + "\n  return y"))
+    check(e, 3, line.index("dt_max") + 1, "'ssm': dt_min (0.5) must not exceed dt_max (0.01)")
+    line = "  y = linear(x, 8, init = mamba_dt, dt_min = 0.2)"       # dt_max keeps its default 0.1
+    e = error_of(model(line + "\n  return y"))
+    check(e, 3, line.index("dt_min") + 1, "'linear': dt_min (0.2) must not exceed dt_max (0.1)")
+    seqc.build_graph(model("  y = ssm(x, dt_min = 0.01, dt_max = 0.01)\n  return y"))   # equal is fine
+
+
 def test_missing_required_attribute():
     e = error_of(model("  y = linear(x)\n  return y"))
     check(e, 3, 7, "'linear' needs argument 'out'")
@@ -341,7 +351,9 @@ def test_comment_only_file():
 
 def test_file_without_a_model():
     e = error_of("block A() {\n  input x: [B]\n  return x\n}\n")
-    assert (e.line, e.column) == (1, 1) and "no 'model'" in e.message
+    # a whole-file error: named by file, no invented line:column and no caret
+    assert (e.line, e.column) == (None, None) and "no 'model'" in e.message
+    assert str(e) == "<string>: error: no 'model' definition in this file" and e.render() == str(e)
 
 
 def test_huge_numbers():

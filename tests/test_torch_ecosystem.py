@@ -72,10 +72,17 @@ def _select(state, b):
 
 
 def test_torch_compile_matches_eager():
+    """Both the compiled and the eager module against the NumPy oracle (an independent
+    implementation) on the same weights; float32 agreement ~1e-5."""
+    import numpy as np
     model = seqc.compile(example("mamba.seq"), params=TINY_MAMBA)
+    oracle = seqc.compile(example("mamba.seq"), params=TINY_MAMBA, backend="numpy")
+    weights = {k: v.detach().double().numpy() for k, v in model.state_dict().items()}
     x = torch.randn(2, 16, 8)
+    ref = torch.as_tensor(np.asarray(oracle(x.double().numpy(), weights)))
     compiled = torch.compile(model)
-    assert_agree(model(x), compiled(x), 1e-5)
+    assert_agree(ref, model(x), 2e-5, "eager vs oracle")
+    assert_agree(ref, compiled(x), 2e-5, "torch.compile vs oracle")
 
 
 def test_bf16_autocast_and_float_dtypes():
@@ -87,9 +94,10 @@ def test_bf16_autocast_and_float_dtypes():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = model(x)
     assert torch.isfinite(y).all()
-    assert (y.float() - ref.float()).abs().max() < 0.1 * ref.abs().max()
+    # measured over 5 seeds: autocast 5.6e-4, a bf16 model 4.5e-3 of max|ref| (bf16's ulp is 3.9e-3)
+    assert (y.float() - ref.float()).abs().max() < 2e-3 * ref.abs().max()
     y16 = model.to(torch.bfloat16)(x.to(torch.bfloat16))
-    assert y16.dtype == torch.bfloat16 and (y16.float() - ref.float()).abs().max() < 0.1 * ref.abs().max()
+    assert y16.dtype == torch.bfloat16 and (y16.float() - ref.float()).abs().max() < 1.5e-2 * ref.abs().max()
 
 
 def _ddp_worker(rank, world, init_file, out_file):

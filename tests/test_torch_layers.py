@@ -102,14 +102,47 @@ def test_functional_ops():
 # -- registry names ----------------------------------------------------------------------------
 
 
+def _published_layout(case):
+    """Parameter shapes written out from each layer's published layout (not from seqc's
+    registry): torch.nn.Conv1d(groups=C), the S4D reference, S5 (Smith et al.: P = N/2
+    complex modes, B (P, H) and C (H, P) as (re, im) pairs), mamba_ssm's selective scan,
+    torch.nn.LSTM and a multi-head attention with q/k/v/o projections."""
+    H, N, P = 3, 4, 2
+    ssm = {"diag": {"log_dt": (H,), "log_A_real": (H, N // 2), "A_imag": (H, N // 2), "C": (H, N // 2, 2),
+                    "D": (H,)},
+           "dense": {"log_dt": (H,), "A": (N, N), "B": (H, N), "C": (H, N), "D": (H,)},
+           "s5": {"log_step": (P,), "Lambda_re": (P,), "Lambda_im": (P,), "B": (P, H, 2), "C": (H, P, 2),
+                  "D": (H,)},
+           "shift": {"C": (H, N), "D": (H,)}}
+    if case.startswith("ssm-"):
+        return ssm[case.split("-")[1]]
+    hidden, d_in, d = 4, 3, 4
+    lstm = {}
+    for k in range(2):
+        lstm |= {f"weight_ih_l{k}": (4 * hidden, d_in if k == 0 else hidden), f"weight_hh_l{k}": (4 * hidden, hidden),
+                 f"bias_ih_l{k}": (4 * hidden,), f"bias_hh_l{k}": (4 * hidden,)}
+    return {"conv1d": {"weight": (3, 1, 3), "bias": (3,)},
+            "selective": {"A_log": (3, 4), "D": (3,), "delta_bias": (3,)},
+            "selective-recurrent": {"A_log": (3, 4), "D": (3,), "delta_bias": (3,)},
+            "lstm": lstm,
+            "attention": {f"{p}_proj.{w}": (d, d) if w == "weight" else (d,) for p in "qkvo"
+                          for w in ("weight", "bias")}}[case]
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_parameters_follow_the_registry(case):
+    """The layer's parameters, the registry's weight rule, and the published layout agree."""
     op, feats, attrs, _ = CASES[case]
     m = LAYERS[op](feats, attrs)
     spec = OPS[op]
     full = {a.name: a.default for a in spec.attrs if a.name not in attrs} | attrs
     expected = spec.weights([(1, 1, f) for f in feats], full)
-    assert {k: tuple(v.shape) for k, v in m.state_dict().items()} == {k: tuple(v) for k, v in expected.items()}
+    published = _published_layout(case)
+    assert {k: tuple(v.shape) for k, v in m.state_dict().items()} == published
+    assert {k: tuple(v) for k, v in expected.items()} == published
+    if op == "lstm":    # and torch's own LSTM agrees with the table
+        ref = torch.nn.LSTM(3, 4, num_layers=2, batch_first=True)
+        assert {k: tuple(v.shape) for k, v in ref.state_dict().items()} == published
 
 
 # -- LSTM ----------------------------------------------------------------------------------------
@@ -330,8 +363,10 @@ def test_bfloat16(case):
     else:
         y, s = m.bfloat16()(*[x.bfloat16() for x in xs], return_state=True)
     assert y.dtype == torch.bfloat16
-    scale = y32.abs().max()
-    assert (y.float() - y32).abs().max() <= 0.05 * scale + 1e-2
+    # about 3x the worst error measured over input seeds 1..5, relative to max|y32| (bf16's ulp is 3.9e-3)
+    tol = {"ssm-diag-conv": 1e-2, "ssm-s5-scan": 1e-2, "ssm-dense-scan": 1.5e-2, "selective": 1.5e-2,
+           "conv1d": 3e-2, "lstm": 1.5e-2, "attention": 4e-2}[case]
+    assert (y.float() - y32).abs().max() <= tol * y32.abs().max()
 
 
 # -- agreement with the NumPy oracle ----------------------------------------------------------------

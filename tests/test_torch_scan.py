@@ -167,8 +167,12 @@ def test_low_precision_inputs(engine, low):
     y, x = selective_scan(**lowargs, return_state=True)
     assert y.dtype == low and x.dtype == low
     ref = ref_scan(**{k: v.float() for k, v in lowargs.items()})[0]
-    close(y.float(), ref, 2e-2 * ref.abs().max().item())
-    assert (y.float() - y32).abs().max() < 0.1 * y32.abs().max()
+    # Accumulating in float32, the only error left is rounding the output to `low`: at most one ulp of
+    # the largest output (bf16 2**-8, fp16 2**-11; measured over 5 seeds: 1.7e-3 and 2.1e-4 of max|ref|).
+    ulp = {torch.bfloat16: 2 ** -8, torch.float16: 2 ** -11}[low]
+    assert (y.float() - ref).abs().max() <= ulp * ref.abs().max()
+    # against float32 inputs the inputs' own rounding adds to it (measured 4.1e-3 and 6.5e-4)
+    assert (y.float() - y32).abs().max() <= 2.5 * ulp * y32.abs().max()
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 64])

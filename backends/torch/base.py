@@ -1,6 +1,9 @@
-"""Shared pieces of the torch runtime layers: attribute defaults, working and
-state dtypes, length handling, and the base classes (``Layer``, ``Pointwise``
-for per-position layers, ``Recurrent`` for layers with a state)."""
+"""Shared pieces of the torch runtime: the registries ``LAYERS`` (op name ->
+``Layer`` subclass; every subclass that sets ``op = "name"`` registers itself)
+and ``FUNCTIONS`` (op name -> torch function for a stateless op, filled by
+``@torch_function("name")``), attribute defaults, working and state dtypes,
+length handling, and the base classes (``Layer``, ``Pointwise`` for
+per-position layers, ``Recurrent`` for layers with a state)."""
 from __future__ import annotations
 
 import torch
@@ -11,6 +14,18 @@ from seqc.errors import SeqcError
 from seqc.registry import OPS
 
 HALF = (torch.float16, torch.bfloat16)
+
+LAYERS: dict[str, type] = {}        # op name -> Layer subclass (registered by Layer.__init_subclass__)
+FUNCTIONS: dict[str, object] = {}   # op name -> torch function of a stateless op
+
+
+def torch_function(name: str):
+    """Decorator: register `fn` as the torch implementation of the stateless op `name`
+    (called as ``fn(*inputs, **attrs)``; attributes it does not use must be accepted)."""
+    def register(fn):
+        FUNCTIONS[name] = fn
+        return fn
+    return register
 
 # -- helpers ---------------------------------------------------------------------------
 
@@ -91,9 +106,31 @@ def right_align(u, lengths):
 
 
 class Layer(nn.Module):
-    """Attributes with defaults and the registry's weights as zero parameters."""
+    """Attributes with defaults and the registry's weights as zero parameters.
+
+    A subclass that sets ``op = "name"`` is the torch layer of that op
+    (``LAYERS[name]``).  After building a layer the backend calls
+    ``configure(call)`` with the lowered call."""
 
     op: str = ""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("op"):
+            LAYERS[cls.op] = cls
+
+    def configure(self, call) -> None:
+        """Take the compiler's decisions from the lowered call: the plan (and the
+        per-call threshold table when the plan is chosen per call), the fusion
+        region, and the compiled discretization (``self.discretize_fn``)."""
+        plan = getattr(call, "plan", None)
+        if plan is not None:
+            self.plan = plan
+        self.plan_table = getattr(call, "plan_table", None)
+        self.region = getattr(call, "region", None)
+        disc = getattr(call, "disc", None)
+        if disc is not None:
+            self.discretize_fn = disc.compile("torch")
 
     def __init__(self, in_features, attrs: dict):
         super().__init__()

@@ -8,16 +8,9 @@ from .manager import compiler_pass
 
 
 def _identity_input(n):
-    """The input a node merely forwards, or None."""
-    if n.op == "dropout" and n.attrs.get("p", 0.0) == 0.0:
-        return n.inputs[0]
-    if n.op == "concat" and len(n.inputs) == 1:
-        return n.inputs[0]
-    if n.op == "split":
-        sizes = n.attrs["sizes"]
-        if sizes == 1 or (isinstance(sizes, list) and len(sizes) == 1):
-            return n.inputs[0]
-    return None
+    """The input a node merely forwards (its op's ``identity`` trait), or None."""
+    identity = n.spec.traits.identity if n.spec is not None else None
+    return identity(n) if identity is not None else None
 
 
 @compiler_pass("fold-identities")
@@ -45,7 +38,7 @@ def eliminate_dead_code(g, ctx):
     for n in reversed(g.order()):
         if n.id in live or n.op == "input":
             continue
-        if n.spec.has_weights or n.spec.stateful:
+        if n.spec.is_layer:
             # keep weight-owning layers (their keys stay loadable) and what they read
             continue
         if not g.users(n.id):
@@ -58,7 +51,7 @@ def share_subexpressions(g, ctx):
     """Merge weightless nodes that apply the same op to the same inputs."""
     seen = {}
     for n in list(g.order()):
-        if n.op == "input" or n.spec.has_weights or n.spec.stateful:
+        if n.op == "input" or n.spec.is_layer:
             continue
         key = (n.op, n.inputs, repr(sorted(n.attrs.items())))
         if key in seen:

@@ -8,20 +8,15 @@ from .manager import compiler_pass
 
 
 def structure_and_method(node):
-    """(structure, method) of an ssm / selective_ssm node, or None (shift SSM)."""
-    if node.op == "selective_ssm":
-        return "diag", node.attrs["disc"]
-    if node.op == "ssm":
-        kind = node.attrs["kind"]
-        if kind == "shift":
-            return None
-        return ("dense" if kind == "dense" else "diag"), node.attrs["disc"]
-    return None
+    """(structure, method) of a continuous-time node (its op's ``discretization`` trait),
+    or None (not continuous-time, or the shift SSM)."""
+    rule = node.spec.traits.discretization if node.spec is not None else None
+    return rule(node) if rule is not None else None
 
 
 @compiler_pass("discretize")
 def discretize(g, ctx):
-    """Derive Abar, Bbar symbolically for every ssm / selective_ssm node."""
+    """Derive Abar, Bbar symbolically for every continuous-time node (ssm, selective_ssm)."""
     for n in g.order():
         sm = structure_and_method(n)
         if sm is None:

@@ -19,92 +19,32 @@ FLOPs and bytes are reported alongside for information.
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 from ..errors import SeqcError
+# each op's plan options live with its spec (OpSpec.plan_options); the cost-model names stay importable here
+from ..ops.base import TRAIN_BATCHED_STEPS, TRAIN_LOOP_STEPS  # noqa: F401
+from ..ops.base import PlanOption as Option
+from ..ops.selective_ssm import SCAN_CHUNK  # noqa: F401
+from ..ops.ssm import CONV_OPS  # noqa: F401
+from ..lower import PlanTable
 from .manager import compiler_pass
-
-# Machine models.  CPU figures fitted with benchmarks/bench_plans.py on the
-# 2-core development machine (AMD EPYC, 32 MiB L3); GPU figures are estimates.
-MACHINES = {
-    ("torch", "cpu"): dict(step=10e-6, llc=32 * 2 ** 20, ns={"conv": 0.6, "scan": 24.0, "recurrent": 1.0,
-                                                               "recurrent_dram": 12.0, "selective": 0.25}),
-    ("numpy", "cpu"): dict(step=25e-6, llc=32 * 2 ** 20, ns={"conv": 0.6, "scan": 24.0, "recurrent": 2.0,
-                                                             "recurrent_dram": 12.0, "selective": 20.0}),
-    ("torch", "cuda"): dict(step=8e-6, llc=50 * 2 ** 20, ns={"conv": 0.01, "scan": 0.02, "recurrent": 0.01,
-                                                             "recurrent_dram": 0.02, "selective": 0.005}),
-}
-SCAN_CHUNK = 64
-CONV_OPS = 85
-# forward+backward / forward, per sequential step (fitted with bench_plans.py --train)
-TRAIN_LOOP_STEPS = 6.0
-TRAIN_BATCHED_STEPS = 2.5
-
-
-@dataclass
-class Option:
-    plan: str
-    steps: float
-    elements: float
-    ns_per_element: float
-    flops: float
-    working_set: float      # bytes materialised
-    legal: bool = True
-    why: str = ""
-    batched: bool = False      # its steps are a fixed set of batched ops, not a loop over time
-    training: bool = False
-
-    def seconds(self, m) -> float:
-        steps, elements = self.steps, self.elements
-        if self.training:   # backward: autograd replays every step (a loop's far more dearly)
-            steps *= TRAIN_BATCHED_STEPS if self.batched else TRAIN_LOOP_STEPS
-            elements *= 2
-        return steps * m["step"] + elements * self.ns_per_element * 1e-9
 
 
 def _machine(ctx):
-    return MACHINES.get((ctx.backend, ctx.device), MACHINES[("torch", "cpu")])
-
-
-def _itemsize(ctx) -> int:
-    return {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}.get(ctx.dtype, 4)
+    """The machine model the backend gives for the context's device and dtype."""
+    if ctx.machine is not None:
+        return ctx.machine
+    from ..backend import get_backend
+    return get_backend(ctx.backend, check=False).machine(ctx.device, ctx.dtype)
 
 
 def options_for(node, ctx) -> list[Option]:
-    B, L, s = ctx.batch, ctx.length, _itemsize(ctx)
-    m = _machine(ctx)
-    if node.op == "ssm":
-        H = int(node.input_shapes[0][-1])
-        kind, N = node.attrs["kind"], node.attrs["d_state"]
-        modes = {"diag": N // 2, "s5": N // 2, "dense": N, "shift": N}[kind]
-        cplx = 2 if kind in ("diag", "s5") else 1
-        per_step = modes * (N if kind == "dense" else 1)        # dense: an N x N mat-vec per step
-        width = 1 if kind == "s5" else H                         # s5: one state shared by the channels
-        nfft = 1 << max(1, math.ceil(math.log2(2 * L)))
-        fft_flops = B * H * 5 * nfft * math.log2(nfft) * 2
-        vander = (H * H if kind == "s5" else H) * modes * L      # kernel powers, once per call
-        states = B * width * per_step * L
-        # conv: ~85 batched ops whatever L (kernel by blocked Vandermonde products, rfft, irfft)
-        conv = Option("conv", CONV_OPS, vander + B * H * nfft, m["ns"]["conv"],
-                      vander * 8 * cplx + fft_flops, s * cplx * (vander + B * H * nfft), batched=True)
-        scan = Option("scan", 3 * math.sqrt(L), states, m["ns"]["scan"], states * 4 * cplx, s * cplx * states * 3)
-        history = s * cplx * states * 2
-        rec_ns = m["ns"]["recurrent"] if history <= m["llc"] else m["ns"]["recurrent_dram"]
-        rec = Option("recurrent", L, states, rec_ns, states * 4 * cplx, history)
-        return [conv, scan, rec]
-    if node.op == "selective_ssm":
-        D, N = int(node.input_shapes[0][-1]), node.attrs["d_state"]
-        elems = B * L * D * N
-        why = "input-dependent (selective) dynamics have no convolution kernel"
-        conv = Option("conv", 0, 0, 0, 0, 0, legal=False, why=why)
-        scan = Option("scan", math.ceil(L / SCAN_CHUNK), elems, m["ns"]["selective"], elems * 6,
-                      s * B * D * N * math.ceil(L / SCAN_CHUNK), batched=True)
-        rec = Option("recurrent", L * 6, elems, m["ns"]["selective"], elems * 6, s * B * D * N * L)
-        return [conv, scan, rec]
-    if node.op in ("lstm", "attention"):   # one plan each: the fused LSTM kernel, SDPA (the recurrent face is step)
-        return [Option("recurrent", 0, 0, 0, 0, 0)]
-    return []
+    """The node's execution plans with their predicted costs (its op's ``plan_options``)."""
+    spec = node.spec
+    if spec is None or spec.plan_options is None:
+        return []
+    return spec.plan_options(node, ctx, _machine(ctx))
 
 
 def choose(node, ctx):
@@ -141,15 +81,17 @@ def plan(g, ctx):
     """Choose an execution plan for every sequence layer from the cost model.
 
     With ``ctx.length`` None (shapes unknown until run time), a layer whose
-    best plan depends on the length keeps ``plan=auto``: the backend asks
-    ``plan_for_shapes`` on each call."""
+    best plan depends on the length keeps ``plan=auto`` and carries a threshold
+    table (``meta["plan_table"]``, see ``plan_table``) from which the backend
+    picks the plan on each call without the planner."""
     for n in g.order():
-        if n.op not in ("ssm", "selective_ssm", "lstm", "attention"):
+        if n.spec is None or n.spec.plan_options is None:
             continue
         if ctx.length is None:
             guesses = {choose(n, replace(ctx, length=L))[1].plan for L in (16, 1024, 65536)}
             if len(guesses) > 1:
                 n.meta["plan"], n.meta["plan_reason"] = "auto", "chosen per call from the input's shape"
+                n.meta["plan_table"] = plan_table(n, ctx)
                 continue
             ctx_n = replace(ctx, length=1024)
         else:
@@ -163,6 +105,41 @@ def plan(g, ctx):
 def plan_for_shapes(node, ctx, batch: int, length: int, training: bool) -> str:
     """The plan the cost model picks for one call's shapes."""
     return choose(node, replace(ctx, batch=batch, length=length, training=training))[1].plan
+
+
+TABLE_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+TABLE_MAX_LENGTH = 1 << 20
+
+
+def plan_table(node, ctx) -> PlanTable:
+    """The cost model's plan for every (training, batch in TABLE_BATCHES, length),
+    as sorted length breakpoints.  Lengths are sampled at each power of two and
+    the length after it (the convolution's FFT size jumps there), up to
+    TABLE_MAX_LENGTH; each change of winner between samples is located exactly by
+    bisection, so the table agrees with ``plan_for_shapes`` at every length of
+    those batches as long as the winner changes at most once between samples."""
+    samples = sorted({1} | {v for k in range(1, TABLE_MAX_LENGTH.bit_length()) for v in (1 << k, (1 << k) + 1)})
+    rows = {}
+    for training in (False, True):
+        for batch in TABLE_BATCHES:
+            def best(length, batch=batch, training=training):
+                return plan_for_shapes(node, ctx, batch, length, training)
+            row = [(1, best(1))]
+            lo = 1
+            for hi in samples[1:]:
+                while best(hi) != row[-1][1]:
+                    a, b = lo, hi           # best(a) == current plan, best(b) differs
+                    while b - a > 1:
+                        mid = (a + b) // 2
+                        if best(mid) == row[-1][1]:
+                            a = mid
+                        else:
+                            b = mid
+                    row.append((b, best(b)))
+                    lo = b
+                lo = hi
+            rows[(training, batch)] = tuple(row)
+    return PlanTable(TABLE_BATCHES, rows)
 
 
 def explain(g, ctx) -> str:
