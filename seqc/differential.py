@@ -247,6 +247,8 @@ class Side:
 
     def build(self, weights):
         self.model = self.be.build(self.program, weights, dtype=self.dtype)
+        if hasattr(self.model, "eval"):
+            self.model.eval()              # dropout off, as in the oracle
         self.hook = _hook(self.program, self.faults)
         return self
 
