@@ -34,14 +34,20 @@ PROFILES = {
     "selective_copying": {
         "quick": dict(length=64, n_tokens=4, n_data=8, batch=32, steps=250, lr=3e-3, warmup=20,
                       eval_every=50, eval_size=256),
-        "default": dict(length=512, n_tokens=16, n_data=16, batch=32, steps=2000, lr=2e-3, warmup=100,
+        "small": dict(length=64, n_tokens=4, n_data=8, batch=32, steps=600, lr=5e-3, warmup=20,
+                      eval_every=100, eval_size=256),
+        "medium": dict(length=128, n_tokens=8, n_data=16, batch=32, steps=1000, lr=4e-3, warmup=50,
+                       eval_every=50, eval_size=256),
+        "default": dict(length=512, n_tokens=16, n_data=16, batch=32, steps=2000, lr=3e-3, warmup=100,
                         eval_every=100, eval_size=512),
     },
     "induction_heads": {
         "quick": dict(length=32, n_data=8, batch=32, steps=300, lr=3e-3, warmup=20, eval_every=50,
                       eval_size=256, extrapolate=(1, 2, 4)),
-        "default": dict(length=128, n_data=16, batch=32, steps=2000, lr=2e-3, warmup=100, eval_every=100,
-                        eval_size=512, extrapolate=(1, 2, 4, 8, 16)),
+        "medium": dict(length=64, n_data=16, batch=32, steps=600, lr=3e-3, warmup=50, eval_every=50,
+                       eval_size=256, eval_batch=16, extrapolate=(1, 2, 4, 8, 16)),
+        "default": dict(length=256, n_data=16, batch=32, steps=2000, lr=2e-3, warmup=100, eval_every=100,
+                        eval_size=512, eval_batch=16, extrapolate=(1, 2, 4, 8, 16)),
     },
 }
 
@@ -142,6 +148,29 @@ def _eval_rng(seed: int, length: int) -> np.random.Generator:
     return np.random.default_rng([seed, 1, length])
 
 
+def set_threads(n: int) -> tuple:
+    """Use `n` CPU threads in torch and numba (whose parallel scan kernels otherwise run one worker per core; on
+    a busy machine those workers spin and cost many times the kernel's work).  Returns the previous setting."""
+    import torch
+    prev = (torch.get_num_threads(), None)
+    torch.set_num_threads(n)
+    try:
+        import numba
+    except ImportError:
+        return prev
+    prev = (prev[0], numba.get_num_threads())
+    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+    return prev
+
+
+def restore_threads(prev: tuple):
+    import torch
+    torch.set_num_threads(prev[0])
+    if prev[1] is not None:
+        import numba
+        numba.set_num_threads(prev[1])
+
+
 def count_params(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -214,15 +243,22 @@ def train(spec: str, config: TrainConfig | None = None, out_dir: str = "train_ou
     `resume=True` continues from ``out_dir/checkpoint.pt`` when it exists (the configuration must match).
     `stop_after` ends the run after that many steps (as if interrupted; for tests and time-sliced runs).
     """
+    cfg = config or TrainConfig()
+    cfg.validate()
+    task = cfg.make_task()
+    prev_threads = set_threads(threads) if threads else None
+    try:
+        return _train(spec, cfg, task, out_dir, resume, progress, plot, label, stop_after)
+    finally:
+        if prev_threads:
+            restore_threads(prev_threads)
+
+
+def _train(spec, cfg, task, out_dir, resume, progress, plot, label, stop_after):
     import torch
 
     from .compiler import compile as seqc_compile
 
-    cfg = config or TrainConfig()
-    cfg.validate()
-    task = cfg.make_task()
-    if threads:
-        torch.set_num_threads(threads)
     os.makedirs(out_dir, exist_ok=True)
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
     ckpt_path = os.path.join(out_dir, "checkpoint.pt")
@@ -367,9 +403,9 @@ def _o(*flags, **kw):
 
 CLI_OPTIONS = [
     _o("--task", required=True, help="selective-copying | induction-heads"),
-    _o("--quick", action="store_true", help="the small, fast setting (the CI learning check) instead of the "
-                                            "default reproduction"),
-    _o("--out", default=None, help="output directory (default runs/TASK/SPEC_NAME[-quick])"),
+    _o("--quick", action="store_true", help="the small, fast setting (the CI learning check): --profile quick"),
+    _o("--profile", default=None, help="quick | medium | default: the preset hyper-parameters that flags override"),
+    _o("--out", default=None, help="output directory (default runs/TASK/SPEC_NAME[-PROFILE])"),
     _o("--resume", action="store_true", help="continue from OUT/checkpoint.pt when it exists"),
     _o("--steps", type=int), _o("--length", "-L", type=int, help="training sequence length"),
     _o("--batch", "-B", type=int), _o("--lr", type=float), _o("--weight-decay", type=float),
@@ -396,14 +432,16 @@ def run_command(args) -> int:
             ext = tuple(int(m) for m in args.extrapolate.split(","))
         except ValueError:
             raise SeqcError(f"--extrapolate takes comma-separated integers, got {args.extrapolate!r}") from None
-    profile = "quick" if args.quick else "default"
+    if args.quick and args.profile not in (None, "quick"):
+        raise SeqcError(f"--quick contradicts --profile {args.profile}")
+    profile = "quick" if args.quick else (args.profile or "default")
     cfg = TrainConfig.profile(args.task, profile, steps=args.steps, length=args.length, batch=args.batch,
                               lr=args.lr, weight_decay=args.weight_decay, warmup=args.warmup,
                               eval_every=args.eval_every, eval_size=args.eval_size, seed=args.seed,
                               n_tokens=args.n_tokens, n_data=args.n_data, extrapolate=ext,
                               params=_params(args.param))
     label = os.path.splitext(os.path.basename(args.file))[0]
-    out = args.out or os.path.join("runs", cfg.task, label + ("-quick" if args.quick else ""))
+    out = args.out or os.path.join("runs", cfg.task, label + ("" if profile == "default" else "-" + profile))
     if args.stop_after is not None and args.stop_after < 1:
         raise SeqcError(f"--stop-after must be a positive integer, got {args.stop_after}")
     res = train(args.file, cfg, out, resume=args.resume, progress=not args.no_progress, threads=args.threads,

@@ -1,10 +1,10 @@
 """Train every model of a comparison on one task and write the table and the joint plot.
 
-    python examples/tasks/reproduce.py --task selective-copying [--quick] [--models mamba,s4d,...]
+    python examples/tasks/reproduce.py --task selective-copying [--profile quick|medium|default] [--models mamba,s4d,...]
         [--out benchmarks/results/tasks] [--threads 1] [any `seqc train` hyper-parameter as --name=value]
 
 Each model is trained with ``seqc.train.train`` (resumable: re-running continues
-every unfinished run from its checkpoint), then ``OUT/TASK[-quick]/summary.json``,
+every unfinished run from its checkpoint), then ``OUT/TASK[-PROFILE]/summary.json``,
 ``summary.md`` (the table) and ``curves.png`` (all models) are written from the
 runs' metrics files, so an interrupted comparison can be finished or redrawn.
 """
@@ -71,7 +71,7 @@ def summarise(task, runs, out, meta):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", required=True)
-    p.add_argument("--quick", action="store_true")
+    p.add_argument("--profile", default="default", help="quick | medium | default")
     p.add_argument("--models", default=None)
     p.add_argument("--out", default=os.path.join("benchmarks", "results", "tasks"))
     p.add_argument("--threads", type=int, default=1)
@@ -87,9 +87,9 @@ def main(argv=None):
         k, v = kv.split("=", 1)
         overrides[k] = tuple(int(x) for x in v.split(",")) if k == "extrapolate" else (
             float(v) if any(c in v for c in ".e") else int(v))
-    cfg = TrainConfig.profile(task, "quick" if args.quick else "default", seed=args.seed, **overrides)
+    cfg = TrainConfig.profile(task, args.profile, seed=args.seed, **overrides)
     models = args.models.split(",") if args.models else MODELS[task]
-    out = os.path.join(args.out, task + ("-quick" if args.quick else ""))
+    out = os.path.join(args.out, task + ("" if args.profile == "default" else "-" + args.profile))
     os.makedirs(out, exist_ok=True)
     runs = {}
     for name in models:
