@@ -215,6 +215,13 @@ class TrainResult:
         return next((r for r in reversed(self.records) if r.get("event") == "final"), {})
 
 
+EVAL_ONLY = ("extrapolate", "eval_batch")   # settings a resumed run may change: they do not affect training
+
+
+def _training_part(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k not in EVAL_ONLY}
+
+
 def _read_records(path):
     if not os.path.exists(path):
         return []
@@ -280,7 +287,7 @@ def _train(spec, cfg, task, out_dir, resume, progress, plot, label, stop_after):
     records = []
     if resume and os.path.exists(ckpt_path):
         ck = torch.load(ckpt_path, weights_only=False)
-        if ck["config"] != cfg.to_json() or ck["spec_label"] != label:
+        if _training_part(ck["config"]) != _training_part(cfg.to_json()) or ck["spec_label"] != label:
             raise SeqcError(f"--resume: {ckpt_path} was written by a different configuration; use the same "
                             f"flags, or another --out directory")
         model.load_state_dict(ck["model"])

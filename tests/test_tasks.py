@@ -109,6 +109,13 @@ def test_resume_refuses_another_configuration(tmp_path):
     other = TrainConfig.profile("selective_copying", "quick", **{**TINY, "lr": 1e-4})
     with pytest.raises(SeqcError, match="different configuration"):
         train(str(SPECS / "lstm.seq"), other, str(tmp_path), resume=True, progress=False, plot=False)
+    # evaluation-only settings may change: a finished run is re-evaluated at other lengths without training
+    done = train(str(SPECS / "lstm.seq"), cfg, str(tmp_path), resume=True, progress=False, plot=False)
+    again = TrainConfig.profile("selective_copying", "quick", **{**TINY, "extrapolate": (1, 2), "eval_batch": 4})
+    ext = train(str(SPECS / "lstm.seq"), again, str(tmp_path), resume=True, progress=False, plot=False)
+    assert _rows([r for r in ext.records if "event" not in r]) == _rows([r for r in done.records if "event" not in r])
+    acc = next(r for r in ext.records if r.get("event") == "extrapolation")["acc"]
+    assert set(acc) == {"24", "48"} and acc["24"] == done.final["eval_acc"]
 
 
 # -- the command ----------------------------------------------------------------------------------------------

@@ -56,12 +56,12 @@ def summarise(task, runs, out, meta):
                      f"{PAPER.get(task, {}).get(r['model'], '-')} | {wall} |")
     ext_rows = [r for r in rows if r["extrapolation"]]
     if ext_rows:
-        lengths = list(ext_rows[0]["extrapolation"])
+        lengths = sorted({k for r in ext_rows for k in r["extrapolation"]}, key=int)
         lines += ["", "| model | " + " | ".join(f"L={k}" for k in lengths) + " |",
                   "|---|" + "---|" * len(lengths)]
         for r in ext_rows:
             lines.append(f"| {NAMES.get(r['model'], r['model'])} | " +
-                         " | ".join(f"{100 * r['extrapolation'][k]:.1f}" for k in lengths) + " |")
+                         " | ".join(f"{100 * r['extrapolation'][k]:.1f}" if k in r["extrapolation"] else "-" for k in lengths) + " |")
     text = "\n".join(lines) + "\n"
     with open(os.path.join(out, "summary.md"), "w") as f:
         f.write(text)
