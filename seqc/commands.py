@@ -244,3 +244,17 @@ def cmd_fmt(args) -> int:
 
 
 cmd_fmt.options = [_opt("--check", action="store_true", help="exit 1 if the file is not already formatted")]
+
+
+@command("train", "train the spec's model on a synthetic task (selective copying, induction heads)")
+def cmd_train(args) -> int:
+    from .train import run_command
+    return run_command(args)
+
+
+def _train_options():
+    from .train import CLI_OPTIONS
+    return CLI_OPTIONS
+
+
+cmd_train.options = _train_options()
