@@ -19,6 +19,7 @@ the wrong discretization method of an SSM.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -183,6 +184,9 @@ def _apply_program_faults(program, faults) -> None:
         wrong = wrong if wrong in choices else next(m for m in choices if m != c.attrs["disc"])
         c.attrs = dict(c.attrs, disc=wrong)
         c.meta = {k: v for k, v in c.meta.items() if k != "disc"}   # the derived program follows the method
+        region = c.meta.get("region")
+        if region is not None and "disc" in region.flags:            # so do the kernel's specialisation flags
+            c.meta["region"] = dataclasses.replace(region, flags={**region.flags, "disc": wrong})
 
 
 def _hook(program, faults):
