@@ -332,12 +332,6 @@ def test_the_generator_covers_every_op_and_form():
 
 # file name -> the diagnosis of a defect not fixed yet (the test must fail until it is)
 XFAIL: dict[str, str] = {
-    "attention_key_bias_gradient.seq":
-        "difftest (numpy vs torch) checks the oracle's gradients by central differences and compares "
-        "relative errors; attention's k_proj.bias has an exactly zero gradient (softmax ignores the "
-        "per-row shift q.b), so its relative error is noise (0.1 to 1e6) and the report says MISMATCH. "
-        "Fix in seqc/differential.py: judge a directional derivative against the scale of the whole "
-        "gradient, not of that one tensor.",
 }
 
 
