@@ -17,6 +17,7 @@ ACTIVATIONS = {
     "softplus": F.softplus,
     "sigmoid": torch.sigmoid,
     "tanh": torch.tanh,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
 }
 
 
