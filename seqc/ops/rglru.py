@@ -33,6 +33,7 @@ import math
 import numpy as np
 
 from ..errors import SeqcError
+from ._direction import with_direction
 from .base import (Attr, OpSpec, PlanOption, ShapeError, f64, itemsize, last, register_op, seq_shape,
                    with_defaults, zero_state)
 from .elementwise import sigmoid_fn, softplus_fn
@@ -158,7 +159,7 @@ def plan_options(node, ctx, m) -> list[PlanOption]:
     return [conv, scan, rec]
 
 
-register_op(OpSpec("rglru", ("x",), (
+register_op(with_direction(OpSpec("rglru", ("x",), (
     Attr("heads", "int", 1, positive=True, doc="blocks of the block-diagonal gate weights"),
     Attr("c", "float", 8.0, positive=True, doc="the gate's temperature: log a_t = -c r_t softplus(param)"),
     Attr("reset", "bool", True, doc="the first token of a fresh state starts a document (RecurrentGemma)"),
@@ -166,4 +167,4 @@ register_op(OpSpec("rglru", ("x",), (
     Attr("w_init_variance_scale", "float", 0.01, positive=True, init_only=True),
 ), shape=_shape, weights=_weights, state=_state,
    doc="Griffin's Real-Gated Linear Recurrent Unit (transformers RecurrentGemmaRglru)",
-   reference=rglru, reference_init_state=rglru_init_state, init=init_rglru, plan_options=plan_options))
+   reference=rglru, reference_init_state=rglru_init_state, init=init_rglru, plan_options=plan_options)))
