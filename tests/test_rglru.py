@@ -127,6 +127,23 @@ def test_griffin_block_matches_transformers_recurrent_block(rng, plan):
     assert_agree(want, ref(x.numpy(), w), 1e-12, "numpy")
 
 
+def test_gradient_of_the_normaliser_is_clipped_like_transformers(rng):
+    """Channels with a -> 1 (1 - a^2 below 2.5e-7): transformers clips d sqrt/dv at 1000."""
+    block = _hf_block(4)
+    with torch.no_grad():
+        block.rg_lru.recurrent_param[:6] = -17.0          # softplus ~ 4e-8: 1 - a^2 ~ 1e-7 * r
+    ours = LAYERS["rglru"]([12], {"heads": 3}).double()
+    ours.load_state_dict(block.rg_lru.state_dict())
+    x = torch.as_tensor(rng.standard_normal((2, 6, 12))).requires_grad_(True)
+    block.rg_lru.recurrent_states = None
+    y_ref = block.rg_lru(x, torch.arange(6)[None].expand(2, -1))
+    w = torch.randn_like(y_ref)
+    g_ref = torch.autograd.grad((y_ref * w).sum(), [x, block.rg_lru.recurrent_param])
+    g = torch.autograd.grad((ours(x) * w).sum(), [x, ours.recurrent_param])
+    for a, b in zip(g_ref, g):
+        assert_agree(a, b, 1e-10, "gradient near a = 1")
+
+
 def test_step_and_streaming_equal_forward_like_transformers_decoding(rng):
     """Prefill + token-by-token decoding in transformers equals our init_state + step."""
     block = _hf_block(3)

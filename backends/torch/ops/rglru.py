@@ -3,7 +3,8 @@ the gates as one batched matmul per head, then the diagonal recurrence
 ``h_t = a_t h_{t-1} + u_t`` by one of two plans - ``scan`` (chunks of ``CHUNK``
 steps: cumulative sums of log a and one masked (T, T) contraction per chunk,
 the state carried between chunks; every exponent is <= 0) or ``recurrent``
-(a loop over time).  ``lengths=``: past a sequence's end a = 1 and u = 0, so
+(a loop over time).  The normaliser sqrt(1 - a^2) has RecurrentGemma's clipped
+gradient (at most ``MAX_SQRT_GRADIENT``).  ``lengths=``: past a sequence's end a = 1 and u = 0, so
 the final state is the state after exactly that many steps.  The state
 accumulates in float32 (float64 for float64 inputs)."""
 from __future__ import annotations
@@ -14,6 +15,22 @@ import torch.nn.functional as F
 from ..base import Recurrent, accumulator_dtype, check_lengths, no_autocast, output_dtype, work_dtype
 
 CHUNK = 64
+MAX_SQRT_GRADIENT = 1000.0      # RecurrentGemma clips d sqrt(v)/dv at this value (bfloat16 training)
+
+
+class _BoundedSqrt(torch.autograd.Function):
+    """sqrt(v) whose gradient is 1 / sqrt(max(4 v, 1 / MAX_SQRT_GRADIENT^2)), as transformers'
+    SqrtBoundDerivative (the normaliser sqrt(1 - a^2) has an unbounded derivative as a -> 1)."""
+
+    @staticmethod
+    def forward(ctx, v):
+        ctx.save_for_backward(v)
+        return torch.sqrt(v)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (v,) = ctx.saved_tensors
+        return grad / torch.sqrt(torch.clamp(4.0 * v, min=1.0 / MAX_SQRT_GRADIENT ** 2))
 
 
 def chunked_diag_scan(log_a, u, h, chunk: int = CHUNK):
@@ -63,7 +80,7 @@ class RGLRU(Recurrent):
         gate_a = torch.sigmoid(torch.einsum("blhi,hij->blhj", xh, self.recurrent_gate_weight.to(x.dtype))
                                + self.recurrent_gate_bias.to(x.dtype)).reshape(x.shape)
         log_a = -c * gate_a * F.softplus(self.recurrent_param.to(x.dtype))
-        return log_a, x * gate_x, torch.sqrt(-torch.expm1(2.0 * log_a))
+        return log_a, x * gate_x, _BoundedSqrt.apply(-torch.expm1(2.0 * log_a))
 
     def forward(self, x, state=None, return_state=False, lengths=None):
         lengths = check_lengths(lengths, x)
