@@ -25,6 +25,7 @@ and the state is ``h (B, D)`` alone.
 
 Plans of the reference: ``recurrent`` (one step at a time) and ``scan`` (chunks
 of ``CHUNK`` steps, each state in closed form from cumulative sums of log a).
+The torch ``scan`` plan is a recursive-doubling scan (backends/torch/ops/rglru.py).
 """
 from __future__ import annotations
 
@@ -39,7 +40,6 @@ from .base import (Attr, OpSpec, PlanOption, ShapeError, f64, itemsize, last, re
 from .elementwise import sigmoid_fn, softplus_fn
 
 CHUNK = 8            # the reference scan plan's chunk length
-SCAN_CHUNK = 64      # the torch scan plan's chunk (for the cost model)
 
 
 def gates(x, p, heads, c):
@@ -147,15 +147,17 @@ def _shape(s, a):
 
 
 def plan_options(node, ctx, m) -> list[PlanOption]:
-    """Chunked scan (cumulative log-decays, a masked (T, T) matmul per chunk) and the recurrence."""
+    """The torch scan (recursive doubling: ceil(log2 L) rounds of elementwise work over the
+    whole sequence) and the recurrence (L steps)."""
     B, L, s = ctx.batch, ctx.length, itemsize(ctx)
     D = int(node.input_shapes[0][-1])
     elems = B * L * D
+    rounds = max(1, math.ceil(math.log2(max(L, 2))))
     ns = m["ns"]["selective"]
     conv = PlanOption("conv", 0, 0, 0, 0, 0, legal=False, why="input-dependent decay has no convolution kernel")
-    scan = PlanOption("scan", math.ceil(L / SCAN_CHUNK) * 4, elems * min(L, SCAN_CHUNK), ns / 8,
-                      elems * min(L, SCAN_CHUNK) * 3, s * B * D * min(L, SCAN_CHUNK) ** 2, batched=True)
-    rec = PlanOption("recurrent", L * 3, elems, ns, elems * 3, s * B * D * L)
+    scan = PlanOption("scan", rounds * 6, elems * rounds, ns, elems * rounds * 3, s * elems * rounds * 2,
+                      batched=True)
+    rec = PlanOption("recurrent", L * 3, elems, ns, elems * 3, s * elems)
     return [conv, scan, rec]
 
 

@@ -1,9 +1,8 @@
 """rglru as a torch layer (Griffin's RG-LRU, transformers' RecurrentGemmaRglru):
 the gates as one batched matmul per head, then the diagonal recurrence
-``h_t = a_t h_{t-1} + u_t`` by one of two plans - ``scan`` (chunks of ``CHUNK``
-steps: cumulative sums of log a and one masked (T, T) contraction per chunk,
-the state carried between chunks; every exponent is <= 0) or ``recurrent``
-(a loop over time).  The normaliser sqrt(1 - a^2) has RecurrentGemma's clipped
+``h_t = a_t h_{t-1} + u_t`` by one of two plans - ``scan`` (recursive doubling:
+ceil(log2 L) elementwise steps, stable since it only multiplies decays <= 1)
+or ``recurrent`` (a loop over time).  The normaliser sqrt(1 - a^2) has RecurrentGemma's clipped
 gradient (at most ``MAX_SQRT_GRADIENT``).  ``lengths=``: past a sequence's end a = 1 and u = 0, so
 the final state is the state after exactly that many steps.  The state
 accumulates in float32 (float64 for float64 inputs)."""
@@ -14,7 +13,6 @@ import torch.nn.functional as F
 
 from ..base import Recurrent, accumulator_dtype, check_lengths, no_autocast, output_dtype, work_dtype
 
-CHUNK = 64
 MAX_SQRT_GRADIENT = 1000.0      # RecurrentGemma clips d sqrt(v)/dv at this value (bfloat16 training)
 
 
@@ -33,22 +31,19 @@ class _BoundedSqrt(torch.autograd.Function):
         return grad / torch.sqrt(torch.clamp(4.0 * v, min=1.0 / MAX_SQRT_GRADIENT ** 2))
 
 
-def chunked_diag_scan(log_a, u, h, chunk: int = CHUNK):
-    """h_t = exp(log_a_t) h_{t-1} + u_t over dim 1 of (B, L, ...) tensors, chunk by chunk;
-    returns (all states (B, L, ...), last state)."""
-    ys = []
-    for start in range(0, u.shape[1], chunk):
-        la, uc = log_a[:, start:start + chunk], u[:, start:start + chunk]
-        S = la.cumsum(1)
-        T = uc.shape[1]
-        mask = torch.ones(T, T, dtype=torch.bool, device=u.device).tril()
-        mask = mask.view(1, T, T, *(1,) * (u.dim() - 2))
-        diff = S.unsqueeze(2) - S.unsqueeze(1)                                  # (B, t, s, ...)
-        W = torch.exp(torch.where(mask, diff, torch.full((), -torch.inf, dtype=diff.dtype, device=diff.device)))
-        states = torch.exp(S) * h.unsqueeze(1) + (W * uc.unsqueeze(1)).sum(2)
-        ys.append(states)
-        h = states[:, -1]
-    return torch.cat(ys, 1), h
+def doubling_diag_scan(log_a, u, h):
+    """h_t = exp(log_a_t) h_{t-1} + u_t over dim 1 of (B, L, ...) tensors by recursive doubling
+    (Hillis-Steele): after the step with offset k every position holds the composition of the
+    affine maps of its last 2k steps; ceil(log2 L) steps of elementwise work, products of
+    decays <= 1 only (no division, stable).  Returns (all states, last state)."""
+    a = torch.exp(log_a)
+    u = torch.cat([u[:, :1] + a[:, :1] * h.unsqueeze(1), u[:, 1:]], 1)       # the initial state
+    k = 1
+    while k < u.shape[1]:
+        u = torch.cat([u[:, :k], u[:, k:] + a[:, k:] * u[:, :-k]], 1)
+        a = torch.cat([a[:, :k], a[:, k:] * a[:, :-k]], 1)
+        k *= 2
+    return u, u[:, -1]
 
 
 def loop_diag_scan(log_a, u, h):
@@ -108,7 +103,7 @@ class RGLRU(Recurrent):
             if self.plan == "recurrent":
                 y, h = loop_diag_scan(log_a, u, h)
             else:
-                y, h = chunked_diag_scan(log_a, u, h)
+                y, h = doubling_diag_scan(log_a, u, h)
         y = y.to(output_dtype(out_dtype, work))
         if not return_state:
             return y
