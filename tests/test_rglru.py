@@ -252,3 +252,12 @@ def test_recurrent_gemma_family_refuses_by_name():
     with pytest.raises(seqc.SeqcError, match="soft-cap") as err:
         family.convert_state_dict({}, hawk)
     assert "local attention" not in str(err.value)
+
+
+def test_gelu_tanh_is_torchs_tanh_approximation(rng):
+    from seqc.backends.torch.base import FUNCTIONS
+    x = rng.standard_normal(50) * 3
+    want = torch.nn.functional.gelu(torch.as_tensor(x), approximate="tanh")
+    assert_agree(want, np_ops.gelu_tanh(x), 1e-14, "numpy")
+    assert_agree(want, FUNCTIONS["gelu_tanh"](torch.as_tensor(x)), 0.0, "torch")
+    assert not np.allclose(np_ops.gelu_tanh(x), np_ops.gelu(x), atol=1e-4)   # not the exact GELU

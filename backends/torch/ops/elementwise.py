@@ -39,8 +39,8 @@ def _elementwise(name: str):
     return torch_function(name)(op)
 
 
-silu, gelu, relu, softplus, sigmoid, tanh = (
-    _elementwise(n) for n in ("silu", "gelu", "relu", "softplus", "sigmoid", "tanh"))
+silu, gelu, relu, softplus, sigmoid, tanh, gelu_tanh = (
+    _elementwise(n) for n in ("silu", "gelu", "relu", "softplus", "sigmoid", "tanh", "gelu_tanh"))
 
 
 @torch_function("add")
