@@ -62,6 +62,12 @@ def test_sum_of_forward_and_time_reversed_causal_passes(op, attrs, n_in, rng):
     p = {k: v.numpy() for k, v in bi.state_dict().items()}
     y_np, _ = getattr(np_ops, op)(*(x.numpy() for x in xs), p=p, **attrs, direction="bidirectional")
     assert_agree(want, y_np, 1e-12, f"{op} numpy")
+    if op == "selective_ssm":      # the gate z, given by keyword, is reversed with the other inputs
+        z = torch.as_tensor(rng.standard_normal(xs[0].shape))
+        want = fwd(*xs, z) + rev(*(x.flip(1) for x in xs), z.flip(1)).flip(1)
+        assert_agree(want, bi(*xs, z), 1e-12, "gated")
+        y_np, _ = np_ops.selective_ssm(*(x.numpy() for x in xs), z=z.numpy(), p=p, **attrs, direction="bidirectional")
+        assert_agree(want, y_np, 1e-12, "gated numpy")
     # non-causal: the first output moves with the last input (a causal layer's does not)
     x = xs[0].clone().requires_grad_(True)
     g = torch.autograd.grad(bi(x, *xs[1:])[:, 0].sum(), x)[0]

@@ -63,10 +63,11 @@ def with_direction(spec: OpSpec) -> OpSpec:
         if state is not None:
             refuse(name, "recurrent state")
         fwd, rev = split_params(p)
+        named = {k: attrs.pop(k) for k in spec.inputs if k in attrs}        # inputs given by keyword
         attrs = {**attrs, "direction": "causal"}
-        y, _ = reference(*inputs, p=fwd, **attrs)
-        flipped = [None if t is None else np.asarray(t)[:, ::-1] for t in inputs]
-        y_rev, _ = reference(*flipped, p=rev, **attrs)
+        y, _ = reference(*inputs, p=fwd, **named, **attrs)
+        flip = lambda t: None if t is None else np.asarray(t)[:, ::-1]     # noqa: E731
+        y_rev, _ = reference(*map(flip, inputs), p=rev, **{k: flip(v) for k, v in named.items()}, **attrs)
         return y + y_rev[:, ::-1], {}
 
     def both_init(shapes, a, rng):
