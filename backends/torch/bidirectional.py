@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from seqc.ops._direction import PREFIX, is_bidirectional, refuse  # noqa: F401  (PREFIX: the weight names)
+from seqc.ops._direction import refuse
+
+from .base import check_lengths
 
 _COPIED = ("plan", "plan_table", "region", "discretize_fn")   # compiler decisions the reverse pass shares
 
@@ -35,7 +37,6 @@ def make_bidirectional(layer) -> None:
     def forward(*inputs, state=None, return_state=False, lengths=None):
         if state is not None or return_state:
             refuse(op, "recurrent state")
-        from .base import check_lengths
         lengths = check_lengths(lengths, inputs[0])
         for name in _COPIED:
             if name in layer.__dict__:
