@@ -5,6 +5,8 @@ non-causal (the first output depends on the last input); lengths= reverses each 
 length; step and carried state are refused with a SeqcError."""
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -100,6 +102,11 @@ def test_compiled_model_agrees_across_backends_and_refuses_the_causal_face(rng):
         m(x, return_state=True)
     with pytest.raises(seqc.SeqcError, match="bidirectional"):
         m.step(x[:, 0], m.init_state(2))
+    twin = copy.deepcopy(m)                               # copies compute with their own weights
+    with torch.no_grad():
+        twin.get_submodule("r.reverse").recurrent_param.add_(1.0)
+    assert not torch.allclose(twin(x), m(x))
+    assert type(m.get_submodule("r")).__name__ == "BidirectionalRGLRU"
     ref = seqc.compile(SPEC, backend="numpy")
     with pytest.raises(seqc.SeqcError, match="bidirectional"):
         ref.init_state(2)

@@ -13,7 +13,7 @@ from seqc.ops._direction import refuse
 
 from .base import check_lengths
 
-_COPIED = ("plan", "plan_table", "region", "discretize_fn")   # compiler decisions the reverse pass shares
+_COPIED = ("plan", "plan_for", "plan_table", "region", "discretize_fn")   # compiler decisions it shares
 
 
 def flip_time(x, lengths=None):
@@ -27,25 +27,39 @@ def flip_time(x, lengths=None):
     return x.gather(1, index.view(*index.shape, *(1,) * (x.dim() - 2)).expand_as(x))
 
 
+class Bidirectional:
+    """Mixed in before a layer's class: forward = own causal pass + reversed pass of ``self.reverse``."""
+
+    def forward(self, *inputs, state=None, return_state=False, lengths=None):
+        if state is not None or return_state:
+            refuse(self.op, "recurrent state")
+        lengths = check_lengths(lengths, inputs[0])
+        for name in _COPIED:
+            if name in self.__dict__:
+                setattr(self.reverse, name, self.__dict__[name])
+        y = super().forward(*inputs, lengths=lengths)
+        y_rev = self.reverse(*(flip_time(t, lengths) for t in inputs), lengths=lengths)
+        return y + flip_time(y_rev, lengths)
+
+    def step(self, *inputs, state=None):
+        refuse(self.op, "step")
+
+
+_CLASSES: dict[type, type] = {}
+
+
+def bidirectional_class(cls: type) -> type:
+    """``Bidirectional<cls>``, made once per layer class and kept in this module (so copies and
+    pickles of a bidirectional layer find it)."""
+    if cls not in _CLASSES:
+        name = f"Bidirectional{cls.__name__}"
+        _CLASSES[cls] = globals()[name] = type(name, (Bidirectional, cls), {"__module__": __name__,
+                                                                             "__qualname__": name})
+    return _CLASSES[cls]
+
+
 def make_bidirectional(layer) -> None:
     """Turn `layer` (built causal with the op's forward weights) into the bidirectional layer."""
     cls = type(layer)
     layer.reverse = cls(layer.in_features, {**layer.attrs, "direction": "causal"})
-    causal_forward = cls.forward
-    op = cls.op
-
-    def forward(*inputs, state=None, return_state=False, lengths=None):
-        if state is not None or return_state:
-            refuse(op, "recurrent state")
-        lengths = check_lengths(lengths, inputs[0])
-        for name in _COPIED:
-            if name in layer.__dict__:
-                setattr(layer.reverse, name, layer.__dict__[name])
-        y = causal_forward(layer, *inputs, lengths=lengths)
-        y_rev = layer.reverse(*(flip_time(t, lengths) for t in inputs), lengths=lengths)
-        return y + flip_time(y_rev, lengths)
-
-    def step(*args, **kwargs):
-        refuse(op, "step")
-
-    layer.forward, layer.step = forward, step
+    layer.__class__ = bidirectional_class(cls)
