@@ -6,6 +6,7 @@ length; step and carried state are refused with a SeqcError."""
 from __future__ import annotations
 
 import copy
+import inspect
 
 import numpy as np
 import pytest
@@ -121,3 +122,11 @@ def test_unknown_direction_is_a_located_error():
     with pytest.raises(seqc.SeqcError) as err:
         seqc.build_graph(src)
     assert err.value.line == 3
+
+
+@pytest.mark.skipif("dtype" not in inspect.signature(seqc.difftest).parameters,
+                    reason="this seqc.difftest has no dtype= (it arrives with the issue-8 merge)")
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_difftest_numpy_vs_torch_per_dtype_with_gradients(dtype):
+    report = seqc.difftest(SPEC, dtype=dtype)
+    assert report.ok and report.grad_abs is not None, str(report)

@@ -5,6 +5,8 @@ sum_{s<=t} (q_t . k_s) v_s - in float64 to 1e-10; chunked (scan) == recurrent (v
 step vs forward; lengths=; float32; difftest."""
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import pytest
 import torch
@@ -164,3 +166,11 @@ def test_bad_head_split_is_a_located_error():
     with pytest.raises(seqc.SeqcError, match="key_dim") as err:
         seqc.build_graph("model M() {\n input x: [B, L, 8]\n a = gla(x, heads = 3, key_dim = 8)\n return a\n}")
     assert err.value.line == 3
+
+
+@pytest.mark.skipif("dtype" not in inspect.signature(seqc.difftest).parameters,
+                    reason="this seqc.difftest has no dtype= (it arrives with the issue-8 merge)")
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_difftest_numpy_vs_torch_per_dtype_with_gradients(dtype):
+    report = seqc.difftest(example("gla.seq"), dtype=dtype)
+    assert report.ok and report.grad_abs is not None, str(report)

@@ -5,6 +5,7 @@ and gradients), step against forward, lengths=, float32, and the initialiser."""
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 
 import numpy as np
@@ -263,3 +264,11 @@ def test_gelu_tanh_is_torchs_tanh_approximation(rng):
     assert_agree(want, np_ops.gelu_tanh(x), 1e-14, "numpy")
     assert_agree(want, FUNCTIONS["gelu_tanh"](torch.as_tensor(x)), 0.0, "torch")
     assert not np.allclose(np_ops.gelu_tanh(x), np_ops.gelu(x), atol=1e-4)   # not the exact GELU
+
+
+@pytest.mark.skipif("dtype" not in inspect.signature(seqc.difftest).parameters,
+                    reason="this seqc.difftest has no dtype= (it arrives with the issue-8 merge)")
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_difftest_numpy_vs_torch_per_dtype_with_gradients(dtype):
+    report = seqc.difftest(example("griffin.seq"), dtype=dtype)
+    assert report.ok and report.grad_abs is not None, str(report)
