@@ -136,7 +136,11 @@ class Layer(nn.Module):
         super().__init__()
         self.in_features = [int(f) for f in in_features]
         self.attrs = with_defaults(self.op, dict(attrs))
-        self._build(OPS[self.op].weights(stand_in_shapes(self.in_features), self.attrs))
+        shapes = OPS[self.op].weights(stand_in_shapes(self.in_features), self.attrs)
+        self._build({k: v for k, v in shapes.items() if not k.startswith("reverse.")})
+        if self.attrs.get("direction") == "bidirectional":      # forward + time-reversed pass (reverse.*)
+            from .bidirectional import make_bidirectional
+            make_bidirectional(self)
 
     def _build(self, shapes: dict) -> None:
         for name, shape in shapes.items():

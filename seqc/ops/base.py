@@ -241,7 +241,7 @@ def split_sizes(features: int, sizes) -> list[int]:
 DT_ATTRS = (Attr("dt_min", "float", 1e-3, positive=True, init_only=True),
             Attr("dt_max", "float", 1e-1, positive=True, init_only=True),
             Attr("dt_init_floor", "float", 1e-4, positive=True, init_only=True))
-ACTIVATION_NAMES = ("identity", "silu", "gelu", "relu", "softplus", "sigmoid", "tanh")
+ACTIVATION_NAMES = ("identity", "silu", "gelu", "relu", "softplus", "sigmoid", "tanh", "gelu_tanh")
 PLANS = ("auto", "conv", "scan", "recurrent")
 
 

@@ -1,4 +1,4 @@
-"""Elementwise ops: the activations (silu gelu relu softplus sigmoid tanh),
+"""Elementwise ops: the activations (silu gelu relu softplus sigmoid tanh gelu_tanh),
 dropout, add / sub / mul, gate (x * act(g)) and glu - specs, shape rules and
 their NumPy references.  ``ACTIVATIONS`` is the oracle's one table of
 activation functions (conv1d and selective_ssm use it too)."""
@@ -32,6 +32,8 @@ ACTIVATIONS = {
     "softplus": softplus_fn,
     "sigmoid": sigmoid_fn,
     "tanh": np.tanh,
+    # GELU's tanh approximation (torch gelu(approximate="tanh"), Gemma's gelu_pytorch_tanh)
+    "gelu_tanh": lambda x: 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3))),
 }
 
 _ELEMENTWISE = Traits(epilogue_ok=True)

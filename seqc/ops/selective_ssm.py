@@ -18,6 +18,7 @@ import numpy as np
 
 from ..discretization import discretizer
 from ..errors import SeqcError
+from ._direction import with_direction
 from .base import (DT_ATTRS, PLANS, Attr, OpSpec, PlanOption, Traits, check_dt_range, eq_dim, f64, itemsize,
                    last, need_rank, register_op, with_defaults, zero_state)
 from .elementwise import ACTIVATIONS, softplus_fn
@@ -162,7 +163,7 @@ def _fused(n):
     return parts
 
 
-register_op(OpSpec("selective_ssm", ("u", "delta", "B", "C", "z"), (
+register_op(with_direction(OpSpec("selective_ssm", ("u", "delta", "B", "C", "z"), (
     Attr("d_state", "int", 16, positive=True, max=4096),
     Attr("delta_bias", "bool", False, doc="add a learned bias (Mamba's dt initialisation) before softplus"),
     Attr("delta_softplus", "bool", True),
@@ -175,4 +176,4 @@ register_op(OpSpec("selective_ssm", ("u", "delta", "B", "C", "z"), (
    reference=selective_ssm, reference_init_state=selective_ssm_init_state, init=init_selective_ssm,
    plan_options=plan_options, validate=check_dt_range,
    traits=Traits(anchor=True, accepts_gate=True, fused=_fused,
-                 discretization=lambda n: ("diag", n.attrs["disc"]))))
+                 discretization=lambda n: ("diag", n.attrs["disc"])))))

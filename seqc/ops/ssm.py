@@ -29,6 +29,7 @@ import numpy as np
 
 from ..discretization import discretizer
 from ..errors import SeqcError
+from ._direction import with_direction
 from .base import (DT_ATTRS, PLANS, Attr, OpSpec, PlanOption, ShapeError, Traits, check_dt_range, f64, itemsize,
                    last, log_uniform_log, register_op, seq_shape, with_defaults, zero_state)
 
@@ -415,7 +416,7 @@ def _discretization(node):
     return None if st is None else (st, node.attrs["disc"])
 
 
-register_op(OpSpec("ssm", ("u",), (
+register_op(with_direction(OpSpec("ssm", ("u",), (
     Attr("d_state", "int", 64, positive=True, max=4096),
     Attr("kind", "enum", "diag", ("diag", "dense", "s5", "shift"),
          doc="diag: S4D; dense: shared dense A (small N); s5: MIMO S5; shift: H3's shift SSM"),
@@ -428,4 +429,4 @@ register_op(OpSpec("ssm", ("u",), (
    reference=ssm, reference_init_state=ssm_init_state, init=init_ssm, plan_options=plan_options,
    validate=check_dt_range,
    traits=Traits(anchor=True, time_invariant=True, discretization=_discretization,
-                 fused=lambda n: [f"discretize[{n.attrs['disc']}]", "kernel/scan", "D-skip"])))
+                 fused=lambda n: [f"discretize[{n.attrs['disc']}]", "kernel/scan", "D-skip"]))))

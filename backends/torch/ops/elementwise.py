@@ -17,6 +17,7 @@ ACTIVATIONS = {
     "softplus": F.softplus,
     "sigmoid": torch.sigmoid,
     "tanh": torch.tanh,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
 }
 
 
@@ -38,8 +39,8 @@ def _elementwise(name: str):
     return torch_function(name)(op)
 
 
-silu, gelu, relu, softplus, sigmoid, tanh = (
-    _elementwise(n) for n in ("silu", "gelu", "relu", "softplus", "sigmoid", "tanh"))
+silu, gelu, relu, softplus, sigmoid, tanh, gelu_tanh = (
+    _elementwise(n) for n in ("silu", "gelu", "relu", "softplus", "sigmoid", "tanh", "gelu_tanh"))
 
 
 @torch_function("add")
