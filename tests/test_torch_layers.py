@@ -129,7 +129,20 @@ def _published_layout(case):
             "selective-recurrent": {"A_log": (3, 4), "D": (3,), "delta_bias": (3,)},
             "lstm": lstm,
             "attention": {f"{p}_proj.{w}": (d, d) if w == "weight" else (d,) for p in "qkvo"
-                          for w in ("weight", "bias")}}[case]
+                          for w in ("weight", "bias")},
+            # grouped-query attention as transformers' LlamaAttention lays it out: q (heads*hd, d),
+            # k and v (kv_heads*hd, d), o (d, heads*hd)
+            "attention-gqa-rope": _gqa_layout(d=6, heads=4, kv_heads=2, hd=2, bias=False),
+            "attention-window": _gqa_layout(d=4, heads=2, kv_heads=1, hd=2, bias=True)}[case]
+
+
+def _gqa_layout(d, heads, kv_heads, hd, bias):
+    out = {"q_proj.weight": (heads * hd, d), "k_proj.weight": (kv_heads * hd, d),
+           "v_proj.weight": (kv_heads * hd, d), "o_proj.weight": (d, heads * hd)}
+    if bias:
+        out |= {"q_proj.bias": (heads * hd,), "k_proj.bias": (kv_heads * hd,), "v_proj.bias": (kv_heads * hd,),
+                "o_proj.bias": (d,)}
+    return out
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
