@@ -16,12 +16,26 @@ so and ``get_backend("triton")`` refuses with that reason.
 from __future__ import annotations
 
 import importlib.util
+import sys
 
 from seqc.backend import register_backend
 from seqc.backends.torch.backend import TorchBackend
 from seqc.errors import SeqcError
 
 from .codegen import interpreted
+
+
+def _late_interpreter() -> str | None:
+    """Triton decides at import whether its own library functions (tl.sum, ...) are interpreted:
+    TRITON_INTERPRET=1 set after triton was imported cannot work."""
+    if "triton" not in sys.modules:
+        return None
+    from triton.language import standard
+    from triton.runtime.interpreter import InterpretedFunction
+    if isinstance(standard.sum, InterpretedFunction):
+        return None
+    return ("TRITON_INTERPRET=1 was set after triton was imported; set it before Python starts "
+            "(or before the first import of triton)")
 
 
 class TritonBackend(TorchBackend):
@@ -33,7 +47,9 @@ class TritonBackend(TorchBackend):
         if importlib.util.find_spec("triton") is None:
             return "the triton backend needs the 'triton' package, which is not installed (pip install triton)"
         import torch
-        if interpreted() or torch.cuda.is_available():
+        if interpreted():
+            return _late_interpreter()
+        if torch.cuda.is_available():
             return None
         return ("the triton backend needs a CUDA device, or TRITON_INTERPRET=1 to run its kernels on the CPU "
                 "interpreter; neither is present here")
