@@ -29,7 +29,8 @@ from seqc import discretization  # noqa: E402
 from seqc.backends.torch import scan  # noqa: E402
 from seqc.backends.torch.module import build_module as torch_build  # noqa: E402
 from seqc.backend import get_backend  # noqa: E402
-from seqc.backends.triton import TritonBackend, build_module, cache, codegen, emit, kernels, layers, printer  # noqa: E402,E501
+from seqc.backends.triton import (TritonBackend, build_module, cache, codegen, emit, kernels,  # noqa: E402
+                                   layers, printer)
 from seqc.compiler import plan_graph  # noqa: E402
 from seqc.init import init_weights  # noqa: E402
 from seqc.lower import lower  # noqa: E402

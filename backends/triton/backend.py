@@ -9,7 +9,9 @@ the device marked as running fused kernels.  Every call the torch backend
 runs is supported: kernels where a region has one, torch elsewhere.
 
 Usable with a CUDA device, or anywhere with ``TRITON_INTERPRET=1`` (Triton's
-CPU interpreter; tensors stay on the CPU).  Importing this module does not
+CPU interpreter; tensors stay on the CPU).  Without the interpreter a model
+asked for on ``"cpu"`` (the default of ``compile`` and difftest) is placed on
+``"cuda"``: compiled Triton kernels run nowhere else.  Importing this module does not
 import triton: without it, or without either of those, ``available()`` says
 so and ``get_backend("triton")`` refuses with that reason.
 """
@@ -20,7 +22,6 @@ import sys
 
 from seqc.backend import register_backend
 from seqc.backends.torch.backend import TorchBackend
-from seqc.errors import SeqcError
 
 from .codegen import interpreted
 
@@ -65,8 +66,7 @@ class TritonBackend(TorchBackend):
     def build(self, program, weights=None, *, seed=0, device="cpu", dtype=None):
         from .module import swap_layers
         if device == "cpu" and not interpreted():
-            raise SeqcError("the triton backend runs its kernels on device='cuda' (or on the CPU with "
-                            "TRITON_INTERPRET=1 set before triton is imported)")
+            device = "cuda"     # compiled kernels run on the GPU; only the interpreter runs them on the CPU
         return swap_layers(super().build(program, weights, seed=seed, device=device, dtype=dtype), program)
 
 
