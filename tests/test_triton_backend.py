@@ -506,6 +506,23 @@ def test_availability_reason_without_a_gpu_or_the_interpreter(monkeypatch):
     assert "not installed" in TritonBackend().available()
 
 
+def test_a_call_without_a_disc_program_takes_the_method_its_region_names():
+    """difftest's injected wrong discretization drops the call's program and renames the method in
+    the region flags: the kernel must follow the flags (else the fault would go unseen)."""
+    import dataclasses
+    program = lower(plan_graph(example("mamba.seq"), "triton", MAMBA))
+    call = next(c for c in program.calls if c.op == "selective_ssm")
+    assert call.disc.method == "mamba"
+    call.meta = {k: v for k, v in call.meta.items() if k != "disc"}
+    call.meta["region"] = dataclasses.replace(call.region, flags={**call.region.flags, "disc": "zoh"})
+    model = get_backend("triton").build(program, dtype="float64")
+    mixer = model.get_submodule("layers.0.mixer")
+    assert mixer.kernel() and mixer.disc_program == discretization.program("diag", "zoh")
+    ref = get_backend("torch").build(lower(plan_graph(example("mamba.seq"), "triton", MAMBA)), dtype="float64")
+    x = torch.randn(2, 5, 4, dtype=F64, generator=torch.Generator().manual_seed(3))
+    assert maxdiff(model(x), ref(x)) > 1e-6          # zoh, not mamba, ran
+
+
 def test_layers_without_a_kernel_keep_the_torch_path():
     """conv1d with gelu (no kernel activation) runs torch's code, inside a Triton-built model."""
     src = "model M(d = 4) {\n  input x: [B, L, d]\n  c = conv1d(x, kernel = 3, activation = gelu)\n  return c\n}\n"

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import torch
 
+from seqc import discretization
 from seqc.backends.torch import layers as torch_layers
 from seqc.backends.torch.base import check_lengths, no_autocast
 
@@ -61,7 +62,7 @@ class KernelLayer:
     ``configure(call)`` (the torch layer's, plus) keeps the call's fusion region flags
     (``self.flags``: the kernel's constexpr specialisation, None without a region: the torch
     path runs) and its DiscProgram (``self.disc_program``: the scan kernels' ``_disc`` is
-    printed from it)."""
+    printed from it; a call without one gets the program of the method its region names)."""
 
     flags = None
     disc_program = None
@@ -70,7 +71,12 @@ class KernelLayer:
         super().configure(call)
         region = getattr(call, "region", None)
         self.flags = dict(region.flags) if region is not None else None
-        self.disc_program = getattr(call, "disc", None)
+        disc = getattr(call, "disc", None)
+        if disc is None and self.flags is not None and "disc" in self.flags:
+            # no program stored on the call (pipeline without the discretize pass): the program of
+            # the method the region names, from the same derivation
+            disc = discretization.program("diag", self.flags["disc"])
+        self.disc_program = disc
 
     def kernel(self) -> bool:
         """Whether this layer runs its kernels (``takes``)."""
