@@ -29,7 +29,7 @@ import torch  # noqa: E402
 
 import seqc  # noqa: E402,F401
 from seqc.backends.torch import scan as torch_scan  # noqa: E402
-from seqc.backends.triton import kernels, layers  # noqa: E402
+from seqc.backends.triton import kernels, layers, module  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -132,7 +132,8 @@ def mamba_bench(args, device, length, repeat):
     cfg = MambaConfig(d_model=args.d_model, n_layers=args.n_layers, d_state=args.d_state, expand_factor=2, d_conv=4)
     ref = Mamba(cfg).to(device)
     ours = seqc.interop.from_mamba_ssm(ref.state_dict()).to(device)
-    swapped = sum(layers.swap(m) for m in ours.modules())
+    module.swap_layers(ours, ours.program)        # the triton backend's layers, configured from the program
+    swapped = sum(isinstance(m, layers.KernelLayer) and m.kernel() for m in ours.modules())
     x = torch.randn(args.batch, length, args.d_model, device=device)
     with torch.no_grad():
         diff = float((ours(x) - ref(x)).abs().max())

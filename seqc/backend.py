@@ -98,8 +98,6 @@ _REGISTRY: dict[str, Backend] = {}
 # built-in backends, imported on first use: name -> module that registers it
 _BUILTIN = {"numpy": "seqc.backends.numpy.backend", "torch": "seqc.backends.torch.backend",
             "triton": "seqc.backends.triton.backend"}
-_PENDING = {"triton": "the triton backend is not available yet (planned: fused kernels generated from the fusion "
-                      "regions); use backend='torch' or 'numpy'"}
 
 
 def register_backend(backend: Backend) -> Backend:
@@ -119,11 +117,12 @@ def get_backend(name: str, *, check: bool = True) -> Backend:
     if name not in _REGISTRY and name in _BUILTIN:
         try:
             importlib.import_module(_BUILTIN[name])
-        except ModuleNotFoundError as e:
+        except ModuleNotFoundError as e:     # a package the backend needs (torch) is not installed
             missing = e.name or ""
-            if name not in _PENDING or not (_BUILTIN[name] + ".").startswith(missing + "."):
+            if (_BUILTIN[name] + ".").startswith(missing + "."):
                 raise
-            register_backend(Unavailable(name, _PENDING[name]))
+            register_backend(Unavailable(name, f"the {name} backend needs the '{missing}' package, "
+                                               f"which is not installed"))
     if name not in _REGISTRY:
         names = backend_names()
         raise SeqcError(f"unknown backend {name!r}{did_you_mean(str(name), names)}; expected one of {', '.join(names)}")

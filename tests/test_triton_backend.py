@@ -3,7 +3,10 @@
 Every generated kernel is checked against an independent reference: the torch
 backend's selective scan / layers (values and gradients of every input and
 parameter), F.conv1d, a written-out RMSNorm, a plain complex recurrence, and
-the NumPy discretizer for the printed discretization.
+the NumPy discretizer for the printed discretization.  Without a CUDA device
+they need Triton's interpreter, which must be switched on before triton is
+first imported: run with ``TRITON_INTERPRET=1`` (CI exports it for the whole
+suite); otherwise they are skipped, saying so.
 """
 from __future__ import annotations
 
@@ -17,9 +20,6 @@ import sympy as sp
 import torch
 import torch.nn.functional as F
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 pytest.importorskip("triton")
 
 from conftest import EXAMPLES, ROOT, example  # noqa: E402
@@ -28,22 +28,26 @@ import seqc  # noqa: E402,F401
 from seqc import discretization  # noqa: E402
 from seqc.backends.torch import scan  # noqa: E402
 from seqc.backends.torch.module import build_module as torch_build  # noqa: E402
-from seqc.backends.triton import TritonBackend, build_module, cache, codegen, emit, kernels, printer  # noqa: E402
+from seqc.backend import get_backend  # noqa: E402
+from seqc.backends.triton import (TritonBackend, build_module, cache, codegen, emit, kernels,  # noqa: E402
+                                   layers, printer)
 from seqc.compiler import plan_graph  # noqa: E402
 from seqc.init import init_weights  # noqa: E402
+from seqc.lower import lower  # noqa: E402
 
 F64 = torch.float64
 
 
+pytestmark = pytest.mark.skipif(TritonBackend().available() is not None,
+                                reason=f"{TritonBackend().available()} (CI sets TRITON_INTERPRET=1)")
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _cache_dir(tmp_path_factory):
-    old = os.environ.get("SEQC_CACHE_DIR")
-    os.environ["SEQC_CACHE_DIR"] = str(tmp_path_factory.mktemp("seqc-cache"))
-    yield
-    if old is None:
-        os.environ.pop("SEQC_CACHE_DIR", None)
-    else:
-        os.environ["SEQC_CACHE_DIR"] = old
+    """A private kernel cache for this module's tests."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SEQC_CACHE_DIR", str(tmp_path_factory.mktemp("seqc-cache")))
+        yield
 
 
 def maxdiff(a, b) -> float:
@@ -84,29 +88,35 @@ def run_both(args, disc, assoc, lengths=None, split=False):
 # -- printer ----------------------------------------------------------------------------------
 
 class _TL:
-    """Just enough of triton.language to run a printed program on NumPy arrays."""
+    """Just enough of triton.language to run the printed jit functions on NumPy arrays."""
     exp = staticmethod(np.exp)
     log = staticmethod(np.log)
     abs = staticmethod(np.abs)
-    sqrt = staticmethod(np.sqrt)
+    cos = staticmethod(np.cos)
+    sin = staticmethod(np.sin)
     where = staticmethod(np.where)
+    zeros_like = staticmethod(np.zeros_like)
 
 
-def _run_printed(program, A, dt):
-    env = {"tl": _TL, "_expm1": np.expm1, "A": A, "dt": dt}
+def _run_printed(disc, A, dt):
+    """Execute the printed ``_disc_grad`` (decorators dropped) with NumPy standing in for tl."""
+    src = "\n".join(ln for ln in printer.disc_functions(disc).splitlines() if ln != "@triton.jit")
+    env = {"tl": _TL, "_expm1": np.expm1}
+    exec(compile(src, "<printed>", "exec"), env)   # noqa: S102 - printer output under test
     with np.errstate(all="ignore"):
-        for name, tree in program:
-            env[name] = eval(printer.print_tree(tree), env)   # noqa: S307 - printer output under test
-    return env
+        return dict(zip(("a", "g", "a_A", "a_dt", "g_A", "g_dt"), env["_disc_grad"](A, dt)))
 
 
 @pytest.mark.parametrize("method", ["mamba", "zoh", "bilinear", "euler", "backward_euler"])
 def test_printed_discretization_and_derivatives(method):
-    """The printed program equals the NumPy discretizer; its derivatives equal torch autograd
-    through the torch discretizer (including |A dt| inside phi1's Taylor discs)."""
+    """The Triton printing of the call's DiscProgram equals the NumPy discretizer; its derivatives
+    equal torch autograd through the torch discretizer (including |A dt| inside phi1's Taylor disc)."""
     A = -np.array([1e-9, 1e-5, 3e-3, 0.05, 0.7, 3.0, 11.0])
     dt = np.array([0.5, 2.0, 0.1, 1.5, 0.3, 0.02, 0.9])
-    env = _run_printed(printer.diag_discretization(method, grads=True), A, dt)
+    disc = discretization.program("diag", method)
+    text = printer.disc_functions(disc)
+    assert text.startswith(f"# {disc.form}") and "def _disc(A, dt):" in text and "import sympy" not in text
+    env = _run_printed(disc, A, dt)
     abar, gain = discretization.discretizer("diag", method, "numpy")(A, 1.0, dt)
     np.testing.assert_allclose(env["a"], abar, rtol=1e-14, atol=0)
     np.testing.assert_allclose(env["g"] * np.ones_like(A), gain, rtol=1e-13, atol=0)
@@ -120,9 +130,30 @@ def test_printed_discretization_and_derivatives(method):
             np.testing.assert_allclose(got * np.ones_like(A), want, rtol=1e-7, atol=1e-12)
 
 
-def test_printer_refuses_what_it_cannot_print():
-    with pytest.raises(seqc.SeqcError, match="no rule"):
-        printer.scalar_program({"a": sp.sin(printer.SYM_A)})
+def test_triton_printer_is_a_scalar_printer_table():
+    """Registered in seqc.scalar: any scalar program prints with tl.* spellings."""
+    from seqc.scalar import PRINTERS
+    assert PRINTERS["triton"] is printer.TRITON
+    prog = discretization.program("diag", "zoh").complex
+    src = prog.source("triton")
+    assert "tl.cos(" in src and "tl.where(" in src and "numpy" not in src and "torch" not in src
+
+
+def test_discretization_without_a_kernel_form_runs_torch(monkeypatch):
+    """A derivation whose Bbar is not gain(A, dt) * B: the printer refuses it, the layer takes no
+    kernel (the torch path runs, same result as the torch backend)."""
+    A, B, dt = discretization.A, discretization.B, discretization.dt
+    with discretization.override("diag", "mamba", sp.exp(A * dt), B * dt + dt ** 2):
+        disc = discretization.program("diag", "mamba")
+        with pytest.raises(seqc.SeqcError, match="gain"):
+            printer.disc_functions(disc)
+        ref, tri, _ = _models("mamba.seq", MAMBA)
+        mixer = tri.get_submodule("layers.0.mixer")
+        assert isinstance(mixer, layers.SelectiveSSM) and not mixer.kernel()
+        x = torch.randn(2, 5, 4, dtype=F64)
+        used = []
+        monkeypatch.setattr(kernels, "selective_scan", lambda *a, **k: used.append(1))
+        assert maxdiff(tri(x), ref(x)) < 1e-14 and not used
 
 
 # -- selective scan ------------------------------------------------------------------------------
@@ -342,53 +373,85 @@ def test_s4d_example_scan_kernel():
         assert maxdiff(a, b) < 1e-11, name
 
 
-SMALL = {"d_model": 8, "n_layers": 1, "d_state": 4, "n_heads": 2, "vocab": 11, "hidden": 8}
+SMALL = {"d_model": 4, "n_layers": 1, "d_state": 4, "n_heads": 2, "vocab": 7, "hidden": 4, "layers": 1}
+KERNEL_OPS = {"selective_ssm", "ssm", "conv1d"}
+
+
+def _small(name) -> dict:
+    header = re.search(r"^model \w+\((.*?)\)\s*\{", open(example(name)).read(), re.M | re.S).group(1)
+    params = {k: v for k, v in SMALL.items() if re.search(rf"\b{k}\s*=", header)}
+    assert "d_model" in params
+    return params
 
 
 @pytest.mark.parametrize("name", sorted(os.path.basename(p) for p in EXAMPLES))
-def test_every_example_agrees_with_the_torch_backend(name):
-    """Outputs and gradients (input and every parameter) of each example, Triton vs torch, float64."""
-    from seqc.inputs import random_inputs
-    path = example(name)
-    header = re.search(r"^model \w+\((.*?)\)\s*\{", open(path).read(), re.M | re.S).group(1)
-    params = {k: v for k, v in SMALL.items() if re.search(rf"\b{k}\s*=", header)}
-    assert "d_model" in params
-    ref, tri, graph = _models(name, params)
-    xs = [torch.as_tensor(x) for x in random_inputs(graph, 2, 9, np.random.default_rng(0))]
-    xs = [x.double().requires_grad_() if x.is_floating_point() else x for x in xs]
-    y1, y0 = tri(*xs), ref(*xs)
-    assert maxdiff(y1, y0) < 1e-12
-    gy = torch.randn(y1.shape, generator=torch.Generator().manual_seed(0), dtype=F64)
-    leaves1 = [x for x in xs if x.requires_grad] + list(tri.parameters())
-    leaves0 = [x for x in xs if x.requires_grad] + list(ref.parameters())
-    g1 = torch.autograd.grad(y1, leaves1, gy, allow_unused=True)
-    g0 = torch.autograd.grad(y0, leaves0, gy, allow_unused=True)
-    for a, b in zip(g1, g0):
-        assert (a is None) == (b is None) and (a is None or maxdiff(a, b) < 1e-10)
+def test_every_example_passes_difftest_torch_vs_triton(name, monkeypatch):
+    """seqc.difftest through the backend registry: every node's value, the gradients of the input
+    and every parameter, and step() against forward, float32 tolerances; the Triton model runs
+    its kernels wherever the program has a kernel op."""
+    params = _small(name)
+    launched = []
+    for fn in ("selective_scan", "selective_step", "lti_scan", "conv1d", "conv1d_step", "rmsnorm"):
+        real = getattr(kernels, fn)
+        monkeypatch.setattr(kernels, fn, lambda *a, _real=real, _fn=fn, **k: launched.append(_fn) or _real(*a, **k))
+    report = seqc.difftest(example(name), ("torch", "triton"), params=params, dtype="float32", length=6)
+    assert report.ok, str(report)
+    assert report.grads and report.rows
+    program = lower(plan_graph(example(name), "triton", params))
+    # kernels: RMSNorm always; selective_ssm and conv1d (activation with a kernel) anchoring a region;
+    # ssm anchoring a region with kind diag (shift, s5 and dense kinds run torch)
+    expected = [c.name for c in program.layers()
+                if c.op == "rmsnorm" or (c.region is not None and c.op in KERNEL_OPS
+                                         and c.region.flags.get("kind", "diag") == "diag")]
+    model = seqc.compile(example(name), backend="triton", params=params)
+    running = [n for n, m in model.named_modules()
+               if isinstance(m, layers.RMSNorm) or (isinstance(m, layers.KernelLayer) and m.kernel())]
+    assert sorted(running) == sorted(expected)
+    assert bool(launched) == bool(expected)
+
+
+def test_seqc_compile_run_and_difftest_cli_through_the_registry(capsys):
+    from seqc.cli import main
+    model = seqc.compile(example("mamba.seq"), backend="triton", params=MAMBA)
+    assert list(model.state_dict()) == list(seqc.compile(example("mamba.seq"), params=MAMBA).state_dict())
+    assert type(model.get_submodule("layers.0.mixer")) is layers.SelectiveSSM
+    base = [example("s4d.seq"), "-p", "d_model=4", "-p", "d_state=4"]
+    assert main(["run", *base, "--backend", "triton", "--length", "5"]) == 0
+    assert main(["difftest", *base, "--backends", "torch,triton", "--dtype", "float32"]) == 0
+    assert "grad" in capsys.readouterr().out
 
 
 # -- derivation -> kernel -------------------------------------------------------------------------
 
 def test_changing_the_derivation_changes_the_kernel_and_its_results():
+    """Override the 'mamba' derivation: the compiler's DiscProgram changes, so the emitted kernel
+    source and the compiled Triton model's results change, and match the overridden scheme."""
     args = {k: v.detach() for k, v in scan_inputs(L=9, d=4, n=4, seed=8).items()}
-    before_src = codegen.discretization_source("mamba")
+    before_src = emit(plan_graph(example("mamba.seq"), "triton", MAMBA))
     y_before, _ = kernels.selective_scan(**args)
+    ref, tri, _ = _models("mamba.seq", MAMBA)
+    x = torch.randn(2, 7, 4, dtype=F64, generator=torch.Generator().manual_seed(2))
+    m_before = tri(x)
     A, B, dt = discretization.A, discretization.B, discretization.dt
     with discretization.override("diag", "mamba", sp.exp(A * dt), B * dt / (1 - A * dt)):
-        after_src = codegen.discretization_source("mamba")
-        assert "(1.0 - " in after_src and "(1.0 - " not in before_src
-        assert after_src in codegen.module_source("mamba")
-        y_after, _ = kernels.selective_scan(**args)
+        after_src = emit(plan_graph(example("mamba.seq"), "triton", MAMBA))
+        disc = discretization.program("diag", "mamba")
+        assert printer.disc_functions(disc) in after_src
+        assert "Bbar = B*dt/(-A*dt + 1)" in after_src and "Bbar = B*dt/" not in before_src
+        y_after, _ = kernels.selective_scan(**args, disc=disc)
+        ref2, tri2, _ = _models("mamba.seq", MAMBA)
+        m_after, m_ref = tri2(x), ref2(x)
     # the overridden scheme written out: x_t = exp(A dt) x + dt / (1 - A dt) B u, y = <C, x> + D u, gated
     dt_ = F.softplus(args["delta"] + args["delta_bias"]).unsqueeze(-1)
     a_, g_ = torch.exp(args["A"] * dt_), dt_ / (1 - args["A"] * dt_)
-    x, ys = args["state"], []
+    xs, ys = args["state"], []
     for t in range(args["u"].shape[1]):
-        x = a_[:, t] * x + g_[:, t] * args["B"][:, t, None, :] * args["u"][:, t, :, None]
-        ys.append((x * args["C"][:, t, None, :]).sum(-1) + args["D"] * args["u"][:, t])
+        xs = a_[:, t] * xs + g_[:, t] * args["B"][:, t, None, :] * args["u"][:, t, :, None]
+        ys.append((xs * args["C"][:, t, None, :]).sum(-1) + args["D"] * args["u"][:, t])
     y_ref = torch.stack(ys, 1) * F.silu(args["z"])
     assert maxdiff(y_after, y_before) > 1e-3
     assert maxdiff(y_after, y_ref) < 1e-12
+    assert maxdiff(m_after, m_before) > 1e-6 and maxdiff(m_after, m_ref) < 1e-12
     assert maxdiff(kernels.selective_scan(**args)[0], y_before) == 0
 
 
@@ -410,23 +473,54 @@ def test_kernel_cache_files_are_hash_named_and_reused(tmp_path, monkeypatch):
     assert cache.block_sizes("k", (8, 16), [{"B": 1}, {"B": 2}], bench=lambda c: 1 / 0) == {"B": 2}
 
 
-def test_backend_object_and_emit():
-    backend = TritonBackend()
-    assert backend.available() is None and backend.name == "triton"
-    _, tri, graph = _models("mamba.seq", MAMBA)
-    text = backend.emit(graph)
+def test_backend_object_and_emit(capsys):
+    backend = get_backend("triton")
+    assert isinstance(backend, TritonBackend) and backend.available() is None and backend.autograd
+    assert backend.machine("cpu", "float32")["fused"] is True
+    graph = plan_graph(example("mamba.seq"), "triton", MAMBA)
+    program = lower(graph)
+    text = backend.emit(program)
     assert "@triton.jit" in text and "def scan_fwd(" in text and "def conv_fwd(" in text
     assert ("(selective_ssm): scan_fwd, scan_bwd, scan_step {'delta_bias': False, 'delta_softplus': True, "
             "'disc': 'mamba', 'd_skip': True, 'gate': 'silu'}") in text
-    assert "tl.exp((A * dt))" in text                     # the printed discretization of 'mamba'
-    assert all(backend.supports(n) for n in graph.layers() if n.op in ("selective_ssm", "conv1d", "rmsnorm"))
-    assert not any(backend.supports(n) for n in graph.layers() if n.op == "linear")
+    assert "(linear): torch" in text
+    call = next(c for c in program.calls if c.op == "selective_ssm")
+    assert printer.disc_functions(call.disc) in text                # the printed discretization program
+    assert "_a = tl.exp(A * dt)" in text and f"# {call.disc.form}" in text
+    assert all(backend.supports(c) for c in program.calls)          # kernels or the torch implementation
+    from seqc.cli import main
+    assert main(["emit", example("mamba.seq"), "--backend", "triton", "-p", "n_layers=1"]) == 0
+    out = capsys.readouterr().out
+    assert "@triton.jit" in out and "def _disc(A, dt):" in out and "def _disc_grad(A, dt):" in out
 
 
 def test_availability_reason_without_a_gpu_or_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert "TRITON_INTERPRET=1" in TritonBackend().available()
+    with pytest.raises(seqc.SeqcError, match="TRITON_INTERPRET=1"):
+        seqc.compile(example("s4d.seq"), backend="triton")
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "triton" else real(n, *a))
+    assert "not installed" in TritonBackend().available()
+
+
+def test_a_call_without_a_disc_program_takes_the_method_its_region_names():
+    """difftest's injected wrong discretization drops the call's program and renames the method in
+    the region flags: the kernel must follow the flags (else the fault would go unseen)."""
+    import dataclasses
+    program = lower(plan_graph(example("mamba.seq"), "triton", MAMBA))
+    call = next(c for c in program.calls if c.op == "selective_ssm")
+    assert call.disc.method == "mamba"
+    call.meta = {k: v for k, v in call.meta.items() if k != "disc"}
+    call.meta["region"] = dataclasses.replace(call.region, flags={**call.region.flags, "disc": "zoh"})
+    model = get_backend("triton").build(program, dtype="float64")
+    mixer = model.get_submodule("layers.0.mixer")
+    assert mixer.kernel() and mixer.disc_program == discretization.program("diag", "zoh")
+    ref = get_backend("torch").build(lower(plan_graph(example("mamba.seq"), "triton", MAMBA)), dtype="float64")
+    x = torch.randn(2, 5, 4, dtype=F64, generator=torch.Generator().manual_seed(3))
+    assert maxdiff(model(x), ref(x)) > 1e-6          # zoh, not mamba, ran
 
 
 def test_layers_without_a_kernel_keep_the_torch_path():

@@ -1,7 +1,7 @@
 """Launchers of the generated Triton kernels and their autograd Functions.
 
-Owns the runtime side of ``codegen``: ``kernels(method)`` (the generated
-module for a discretization, from the on-disk cache), and
+Owns the runtime side of ``codegen``: ``kernels(disc)`` (the generated
+module for a discretization program, from the on-disk cache), and
 
 * ``selective_scan(u, delta, A, B, C, D, z, delta_bias, state, lengths, ...)``
   -> ``(y, final_state)`` with gradients to every tensor argument
@@ -19,30 +19,44 @@ interpreter, else the best of a few candidates cached by ``cache.block_sizes``.
 """
 from __future__ import annotations
 
-import functools
+import threading
 
 import torch
 import triton
 
-from seqc.discretization import derivation
-
-from . import cache, codegen
+from . import cache, codegen, printer
 
 HALF = (torch.float16, torch.bfloat16)
 FLAG_NAMES = ("delta_bias", "delta_softplus", "disc", "d_skip", "gate")
 
 
-def kernels(method: str):
-    """The generated module (``scan_fwd``, ``scan_bwd``, ...) for discretization `method`.
+def kernels(disc=None):
+    """The generated module for a discretization (a DiscProgram, or a method name standing for
+    its current derivation): ``scan_fwd``, ``scan_bwd``, ``scan_step``, ...; with None, the module
+    of ``conv_*`` and ``rmsnorm_*``.
 
-    Keyed by the current derivation, so ``seqc.discretization.override`` regenerates it; sympy runs
-    once per (derivation, interpreter or GPU), not per call."""
-    return _module(method, codegen.interpreted(), derivation("diag", method))
+    Keyed by the programs' digests, so a changed derivation (``seqc.discretization.override``)
+    gets its own module; the source is printed once per (program, interpreter or GPU)."""
+    disc = codegen.as_disc(disc)
+    interpret = codegen.interpreted()
+    key = (None if disc is None else (disc.method, *(p.digest for p in printer.kernel_programs(disc))), interpret)
+    with _LOCK:
+        mod = _MODULES.get(key)
+    if mod is None:
+        mod = cache.load(codegen.module_source(disc, interpret), key=f"interpret={interpret}")
+        with _LOCK:
+            mod = _MODULES.setdefault(key, mod)
+    return mod
 
 
-@functools.lru_cache(maxsize=64)
-def _module(method: str, interpret: bool, _derivation):
-    return cache.load(codegen.module_source(method, interpret), key=f"interpret={interpret}")
+_LOCK = threading.Lock()
+_MODULES: dict = {}
+
+
+def has_kernel(disc) -> bool:
+    """Whether the scan kernels can take this discretization (Bbar = gain(A, dt) * B, diagonal)."""
+    disc = codegen.as_disc(disc)
+    return disc is not None and disc.structure == "diag" and disc.kernel is not None
 
 
 def work_dtype(*tensors) -> torch.dtype:
@@ -105,7 +119,7 @@ class _SelectiveScan(torch.autograd.Function):
     """(u, delta_raw, A, B, C, D, z, delta_bias, x0) -> (y, x_L) through scan_fwd / scan_bwd."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, x0, lengths, flags, assoc, split):
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, x0, lengths, flags, assoc, split, prog):
         work = work_dtype(u, A)
         u, delta, B, C, z, lengths = map(_c, (u, delta, B, C, z, lengths))
         Aw = A.to(work).contiguous()
@@ -117,7 +131,7 @@ class _SelectiveScan(torch.autograd.Function):
         assoc = default_assoc() if assoc is None else bool(assoc)
         y = torch.empty(batch, length, dim, dtype=u.dtype if u.dtype in HALF else work, device=u.device)
         xL = torch.empty(batch, dim, n, dtype=work, device=u.device)
-        k = kernels(flags["disc"])
+        k = kernels(prog)
 
         def launch(cfg):
             nchunks = triton.cdiv(max(length, 1), cfg["CHUNK"])
@@ -156,7 +170,7 @@ class _SelectiveScan(torch.autograd.Function):
             cfg = cache.block_sizes("scan_fwd", key, cands, bench=lambda c: _gpu_ms(lambda: launch(c)))
         ckpt = launch(cfg)
         ctx.save_for_backward(u, delta, Aw, B, C, Dw, z, bw, lengths, ckpt)
-        ctx.meta = (flags, cfg, A.dtype, None if D is None else D.dtype,
+        ctx.meta = (flags, prog, cfg, A.dtype, None if D is None else D.dtype,
                     None if delta_bias is None else delta_bias.dtype, None if x0 is None else x0.dtype)
         return y, xL
 
@@ -164,7 +178,7 @@ class _SelectiveScan(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, gy, gx):
         u, delta, Aw, B, C, Dw, z, bw, lengths, ckpt = ctx.saved_tensors
-        flags, cfg, a_dtype, d_dtype, b_dtype, x0_dtype = ctx.meta
+        flags, prog, cfg, a_dtype, d_dtype, b_dtype, x0_dtype = ctx.meta
         batch, length, dim = u.shape
         n = Aw.shape[1]
         work = Aw.dtype
@@ -182,7 +196,7 @@ class _SelectiveScan(torch.autograd.Function):
             dA.zero_()
             dD.zero_()
         else:
-            kernels(flags["disc"]).scan_bwd[(batch, blocks)](
+            kernels(prog).scan_bwd[(batch, blocks)](
                 u, delta, Aw, B, C, _ptr(Dw, Aw), _ptr(z, u), _ptr(bw, Aw), _ptr(lengths, u), ckpt, gy,
                 _ptr(None if gx is None else gx.contiguous(), Aw), ws, du, ddelta, dA, dB, dC, dD,
                 _ptr(dz, du), dx0, length, dim, n, NP=_np(n), DELTA_BIAS=bw is not None,
@@ -192,7 +206,7 @@ class _SelectiveScan(torch.autograd.Function):
         return (du.to(u.dtype), ddelta.to(delta.dtype), dA.sum(0).to(a_dtype), dB.sum(1).to(B.dtype),
                 dC.sum(1).to(C.dtype), None if Dw is None else dD.sum(0).to(d_dtype),
                 None if z is None else dz.to(z.dtype), dbias,
-                None if x0_dtype is None else dx0.to(x0_dtype), None, None, None, None)
+                None if x0_dtype is None else dx0.to(x0_dtype), None, None, None, None, None)
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, state=None, lengths=None,
@@ -202,10 +216,11 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, state=Non
     A is the real (D, N) transition (``-exp(A_log)``); lengths (b,) ints or None; assoc picks the
     within-chunk scan (None: ``default_assoc()``); split runs the chunk-parallel forward
     (``scan_chunk`` / ``scan_carry``: chunks in parallel programs, chunk states carried between them;
-    None: ``default_split``)."""
-    flags = {"delta_bias": delta_bias is not None, "delta_softplus": bool(delta_softplus), "disc": disc,
+    None: ``default_split``).  ``disc`` is the call's DiscProgram (or a method name)."""
+    prog = codegen.as_disc(disc)
+    flags = {"delta_bias": delta_bias is not None, "delta_softplus": bool(delta_softplus), "disc": prog.method,
              "d_skip": D is not None, "gate": "silu" if z is not None else None}
-    return _SelectiveScan.apply(u, delta, A, B, C, D, z, delta_bias, state, lengths, flags, assoc, split)
+    return _SelectiveScan.apply(u, delta, A, B, C, D, z, delta_bias, state, lengths, flags, assoc, split, prog)
 
 
 def selective_step(u, delta, A, B, C, D=None, z=None, delta_bias=None, state=None,
@@ -309,7 +324,7 @@ class _Conv1d(torch.autograd.Function):
     """(x_padded (b, L + K - 1, D), weight (D, K), bias) -> act(causal depthwise conv)."""
 
     @staticmethod
-    def forward(ctx, xp, weight, bias, act, method):
+    def forward(ctx, xp, weight, bias, act):
         xp = xp.contiguous()
         batch, padded, dim = xp.shape
         taps = weight.shape[-1]
@@ -321,22 +336,22 @@ class _Conv1d(torch.autograd.Function):
         cfg = _conv_blocks(length, dim)
         grid = (batch, triton.cdiv(max(length, 1), cfg["BLOCK_L"]), triton.cdiv(dim, cfg["BLOCK_D"]))
         if length:
-            kernels(method).conv_fwd[grid](xp, w, _ptr(bw, w), y, length, dim, K=taps, BIAS=bw is not None,
+            kernels(None).conv_fwd[grid](xp, w, _ptr(bw, w), y, length, dim, K=taps, BIAS=bw is not None,
                                            ACT=act, F64=work == torch.float64, **cfg)
         ctx.save_for_backward(xp, w, bw)
-        ctx.meta = (act, method, weight.shape, weight.dtype, None if bias is None else bias.dtype, cfg, grid)
+        ctx.meta = (act, weight.shape, weight.dtype, None if bias is None else bias.dtype, cfg, grid)
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gy):
         xp, w, bw = ctx.saved_tensors
-        act, method, w_shape, w_dtype, b_dtype, cfg, grid = ctx.meta
+        act, w_shape, w_dtype, b_dtype, cfg, grid = ctx.meta
         batch, padded, dim = xp.shape
         taps = w.shape[1]
         length = padded - taps + 1
         work = w.dtype
-        k = kernels(method)
+        k = kernels(None)
         dpre = torch.zeros(batch, length, dim, dtype=work, device=xp.device)
         dw = torch.zeros(batch, grid[1], dim, taps, dtype=work, device=xp.device)
         db = torch.zeros(batch, grid[1], dim, dtype=work, device=xp.device)
@@ -347,10 +362,10 @@ class _Conv1d(torch.autograd.Function):
         k.conv_bwd_input[(batch, triton.cdiv(padded, cfg["BLOCK_L"]), grid[2])](
             dpre, w, dxp, length, dim, K=taps, F64=work == torch.float64, **cfg)
         return (dxp.to(xp.dtype), dw.sum((0, 1)).reshape(w_shape).to(w_dtype),
-                None if bw is None else db.sum((0, 1)).to(b_dtype), None, None)
+                None if bw is None else db.sum((0, 1)).to(b_dtype), None)
 
 
-def conv1d(x, weight, bias=None, window=None, activation="identity", method="mamba"):
+def conv1d(x, weight, bias=None, window=None, activation="identity"):
     """Causal depthwise conv over time of x (b, L, D) with weight (D, 1, K), after `window`
     (b, D, K - 1) of earlier inputs (zeros when None), then `activation` (a key of
     codegen.ACTIVATION_CODES).  Returns y (b, L, D) and the window-padded input (b, L + K - 1, D)."""
@@ -358,10 +373,10 @@ def conv1d(x, weight, bias=None, window=None, activation="identity", method="mam
     if window is None:
         window = x.new_zeros(x.shape[0], x.shape[2], taps - 1)
     xp = torch.cat([window.to(x.dtype).transpose(1, 2), x], 1)
-    return _Conv1d.apply(xp, weight, bias, codegen.ACTIVATION_CODES[activation], method), xp
+    return _Conv1d.apply(xp, weight, bias, codegen.ACTIVATION_CODES[activation]), xp
 
 
-def conv1d_step(x_t, weight, bias, window, activation="identity", method="mamba"):
+def conv1d_step(x_t, weight, bias, window, activation="identity"):
     """One token through the causal depthwise conv: y (b, D); `window` (b, D, K - 1), contiguous,
     is shifted in place (its oldest input dropped, x_t appended) and returned."""
     batch, dim = x_t.shape
@@ -370,7 +385,7 @@ def conv1d_step(x_t, weight, bias, window, activation="identity", method="mamba"
     w = weight.reshape(dim, taps).to(work).contiguous()
     y = torch.empty(batch, dim, dtype=x_t.dtype if x_t.dtype in HALF else work, device=x_t.device)
     block = min(_np(dim), 8 if codegen.interpreted() else 128)
-    kernels(method).conv_step[(batch, triton.cdiv(dim, block))](
+    kernels(None).conv_step[(batch, triton.cdiv(dim, block))](
         _c(x_t), window, w, _ptr(None if bias is None else bias.to(work).contiguous(), w), y, dim, K=taps,
         KP=_np(taps), BIAS=bias is not None, ACT=codegen.ACTIVATION_CODES[activation], BLOCK_D=block,
         F64=work == torch.float64)
@@ -382,7 +397,7 @@ def conv1d_step(x_t, weight, bias, window, activation="identity", method="mamba"
 
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, residual, weight, eps, method):
+    def forward(ctx, x, residual, weight, eps):
         shape = x.shape
         dim = shape[-1]
         x2 = x.reshape(-1, dim).contiguous()
@@ -395,12 +410,12 @@ class _RMSNorm(torch.autograd.Function):
         rstd = torch.empty(rows, dtype=work, device=x.device)
         w = weight.to(work).contiguous()
         if rows:
-            kernels(method).rmsnorm_fwd[(rows,)](x2, _ptr(r2, x2), w, y, _ptr(s, w), rstd, dim, float(eps),
+            kernels(None).rmsnorm_fwd[(rows,)](x2, _ptr(r2, x2), w, y, _ptr(s, w), rstd, dim, float(eps),
                                                  RESIDUAL=r2 is not None, BLOCK=_np(dim),
                                                  F64=work == torch.float64)
         saved = s if s is not None else x2
         ctx.save_for_backward(saved, w, rstd)
-        ctx.meta = (shape, x.dtype, None if residual is None else residual.dtype, weight.dtype, method)
+        ctx.meta = (shape, x.dtype, None if residual is None else residual.dtype, weight.dtype)
         ssum = None if s is None else s.to(out_dtype).reshape(shape)
         if ssum is not None:
             return y.reshape(shape), ssum
@@ -410,7 +425,7 @@ class _RMSNorm(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, gy, gs):
         s, w, rstd = ctx.saved_tensors
-        shape, x_dtype, r_dtype, w_dtype, method = ctx.meta
+        shape, x_dtype, r_dtype, w_dtype = ctx.meta
         dim = shape[-1]
         rows = s.shape[0]
         gy = torch.zeros(shape, dtype=s.dtype, device=s.device) if gy is None else gy
@@ -418,16 +433,16 @@ class _RMSNorm(torch.autograd.Function):
         ds = torch.empty(rows, dim, dtype=w.dtype, device=s.device)
         dw = torch.empty(rows, dim, dtype=w.dtype, device=s.device)
         if rows:
-            kernels(method).rmsnorm_bwd[(rows,)](s, w, rstd, gy.reshape(-1, dim).contiguous(),
+            kernels(None).rmsnorm_bwd[(rows,)](s, w, rstd, gy.reshape(-1, dim).contiguous(),
                                                  gs.reshape(-1, dim).contiguous() if has_gs else w, ds, dw,
                                                  dim, HAS_GS=has_gs, BLOCK=_np(dim), F64=w.dtype == torch.float64)
         ds = ds.reshape(shape)
-        return (ds.to(x_dtype), None if r_dtype is None else ds.to(r_dtype), dw.sum(0).to(w_dtype), None, None)
+        return (ds.to(x_dtype), None if r_dtype is None else ds.to(r_dtype), dw.sum(0).to(w_dtype), None)
 
 
-def rmsnorm(x, weight, eps=1e-5, residual=None, method="mamba"):
+def rmsnorm(x, weight, eps=1e-5, residual=None):
     """y = s * rsqrt(mean(s^2) + eps) * weight with s = x (+ residual); returns y, or (y, s)."""
-    y, s = _RMSNorm.apply(x, residual, weight, eps, method)
+    y, s = _RMSNorm.apply(x, residual, weight, eps)
     return y if residual is None else (y, s)
 
 

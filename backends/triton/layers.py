@@ -18,39 +18,75 @@ Triton one in place (``module.__class__``), keeping its ``state_dict``.
   and backward kernels (activations without a kernel run in torch).
 * ``RMSNorm``: the RMSNorm kernel, forward and backward.
 
-Where a kernel cannot take a call (gradients through ``step``, an op or
-attribute without a kernel) the torch implementation runs instead.
+Each layer takes its specialisation from the compiler: ``configure(call)``
+keeps the fusion region's flags and the call's discretization program
+(``takes`` decides from them whether the kernels run).  Where a kernel
+cannot take a call (no region, a discretization whose ``Bbar`` is not
+``gain(A, dt) * B``, an activation without a kernel, gradients through
+``step``) the torch implementation runs instead.
 """
 from __future__ import annotations
 
 import torch
 
+from seqc import discretization
 from seqc.backends.torch import layers as torch_layers
 from seqc.backends.torch.base import check_lengths, no_autocast
 
 from . import codegen, kernels
 
-SCAN_DISCS = ("mamba", "zoh", "bilinear", "euler", "backward_euler")
-
-
 def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-class SelectiveSSM(torch_layers.SelectiveSSM):
+def takes(op: str, flags: dict | None, disc) -> bool:
+    """Whether a layer of ``op`` with these region flags and discretization program runs kernels
+    (the one rule the layers and ``emit``'s kernel plan share).  No region (no fusion pass):
+    the torch path; RMSNorm is elementwise and needs none."""
+    if op == "rmsnorm":
+        return True
+    if flags is None:
+        return False
+    if op == "selective_ssm":
+        return kernels.has_kernel(disc)
+    if op == "ssm":
+        return flags.get("kind") == "diag" and kernels.has_kernel(disc)
+    if op == "conv1d":
+        return flags.get("activation") in codegen.ACTIVATION_CODES
+    return False
+
+
+class KernelLayer:
+    """Mixin: the compiler's decisions for the kernels, taken from the lowered call.
+
+    ``configure(call)`` (the torch layer's, plus) keeps the call's fusion region flags
+    (``self.flags``: the kernel's constexpr specialisation, None without a region: the torch
+    path runs) and its DiscProgram (``self.disc_program``: the scan kernels' ``_disc`` is
+    printed from it; a call without one gets the program of the method its region names)."""
+
+    flags = None
+    disc_program = None
+
+    def configure(self, call) -> None:
+        super().configure(call)
+        region = getattr(call, "region", None)
+        self.flags = dict(region.flags) if region is not None else None
+        disc = getattr(call, "disc", None)
+        if disc is None and self.flags is not None and "disc" in self.flags:
+            # no program stored on the call (pipeline without the discretize pass): the program of
+            # the method the region names, from the same derivation
+            disc = discretization.program("diag", self.flags["disc"])
+        self.disc_program = disc
+
+    def kernel(self) -> bool:
+        """Whether this layer runs its kernels (``takes``)."""
+        return takes(self.op, self.flags, self.disc_program)
+
+
+class SelectiveSSM(KernelLayer, torch_layers.SelectiveSSM):
     """Mamba's selective scan through the generated fused kernels."""
 
     assoc = None      # within a chunk: tl.associative_scan / sequential loop / None = kernels.default_assoc()
-
-    def flags(self) -> dict:
-        """The kernel specialisation: the fusion region's flags when the compiler attached a region
-        (``configure``), else the same dict built from the layer's attributes."""
-        region = getattr(self, "region", None)
-        flags = getattr(region, "flags", None)
-        if isinstance(flags, dict) and "disc" in flags:
-            return flags
-        return {"delta_bias": bool(self.attrs["delta_bias"]), "delta_softplus": bool(self.attrs["delta_softplus"]),
-                "disc": self.attrs["disc"], "d_skip": True, "gate": "silu"}
 
     def _kernel_args(self):
         A = -torch.exp(self.A_log)
@@ -58,8 +94,8 @@ class SelectiveSSM(torch_layers.SelectiveSSM):
         return A, bias
 
     def forward(self, u, delta, B, C, z=None, state=None, return_state=False, lengths=None):
-        flags = self.flags()
-        if flags["disc"] not in SCAN_DISCS:
+        flags = self.flags
+        if not self.kernel():
             return super().forward(u, delta, B, C, z, state=state, return_state=return_state, lengths=lengths)
         lengths = check_lengths(lengths, u)
         with no_autocast(u):
@@ -67,14 +103,14 @@ class SelectiveSSM(torch_layers.SelectiveSSM):
             x0 = None if state is None else state["x"]
             y, x = kernels.selective_scan(u, delta, A, B, C, self.D if flags["d_skip"] else None,
                                           z if flags["gate"] else None, bias, x0, lengths,
-                                          delta_softplus=flags["delta_softplus"], disc=flags["disc"],
+                                          delta_softplus=flags["delta_softplus"], disc=self.disc_program,
                                           assoc=self.assoc)
         return (y, {"x": x}) if return_state else y
 
     def step(self, u_t, delta_t, B_t, C_t, z_t=None, state=None):
         A, bias = self._kernel_args()
-        flags = self.flags()
-        if flags["disc"] not in SCAN_DISCS or _needs_grad(u_t, delta_t, B_t, C_t, z_t, A, self.D, bias):
+        flags = self.flags
+        if not self.kernel() or _needs_grad(u_t, delta_t, B_t, C_t, z_t, A, self.D, bias):
             return super().step(u_t, delta_t, B_t, C_t, z_t, state=state)
         acc = kernels.work_dtype(u_t, A)
         x = None if state is None else state["x"]
@@ -83,15 +119,15 @@ class SelectiveSSM(torch_layers.SelectiveSSM):
         with no_autocast(u_t):
             y, x = kernels.selective_step(u_t, delta_t, A, B_t, C_t, self.D if flags["d_skip"] else None,
                                           z_t if flags["gate"] else None, bias, x,
-                                          delta_softplus=flags["delta_softplus"], disc=flags["disc"])
+                                          delta_softplus=flags["delta_softplus"], disc=self.disc_program)
         return y, {"x": x}
 
 
-class SSM(torch_layers.SSM):
+class SSM(KernelLayer, torch_layers.SSM):
     """The LTI SSM; kind diag with a scan / recurrent plan runs the complex recurrence kernel."""
 
     def _kernel_plan(self, u):
-        if self.attrs["kind"] != "diag":
+        if not self.kernel():
             return False
         plan = self.plan
         if plan == "auto" and self.plan_for is not None:
@@ -100,7 +136,7 @@ class SSM(torch_layers.SSM):
 
     def step(self, u_t, state=None):
         """One token through the LTI kernel (a sequence of length 1 from the given state)."""
-        if self.attrs["kind"] != "diag":
+        if not self.kernel():
             return super().step(u_t, state=state)
         y, new_state = self.forward(u_t.unsqueeze(1), state=state, return_state=True, plan="scan")
         return y[:, 0], new_state
@@ -114,19 +150,19 @@ class SSM(torch_layers.SSM):
             system = self.system(work)                 # discretized parameters (torch, O(H N))
             self.last_plan = "scan"
             y, x = kernels.lti_scan(u, system.a, system.Bbar, system.C, self.D, None if state is None else state["x"],
-                                    lengths, disc=self.attrs["disc"])
+                                    lengths, disc=self.disc_program)
         return (y, {"x": x}) if return_state else y
 
 
-class Conv1d(torch_layers.Conv1d):
+class Conv1d(KernelLayer, torch_layers.Conv1d):
     """Causal depthwise conv1d + activation through the generated kernels."""
 
     def forward(self, x, state=None, return_state=False, lengths=None):
-        if self.attrs["activation"] not in codegen.ACTIVATION_CODES:
+        if not self.kernel():
             return super().forward(x, state=state, return_state=return_state, lengths=lengths)
         lengths = check_lengths(lengths, x)
         window = None if state is None else state["window"]
-        y, xp = kernels.conv1d(x, self.weight, getattr(self, "bias", None), window, self.attrs["activation"])
+        y, xp = kernels.conv1d(x, self.weight, getattr(self, "bias", None), window, self.flags["activation"])
         if not return_state:
             return y
         taps = self.weight.shape[-1]
@@ -136,7 +172,7 @@ class Conv1d(torch_layers.Conv1d):
     def step(self, x_t, state=None):
         bias = getattr(self, "bias", None)
         taps = self.weight.shape[-1]
-        if (self.attrs["activation"] not in codegen.ACTIVATION_CODES or taps < 2
+        if (not self.kernel() or taps < 2
                 or _needs_grad(x_t, self.weight, bias)):
             return super().step(x_t, state=state)
         window = None if state is None else state["window"]
@@ -144,11 +180,13 @@ class Conv1d(torch_layers.Conv1d):
             window = x_t.new_zeros(x_t.shape[0], x_t.shape[1], taps - 1)
         elif window.dtype != x_t.dtype or not window.is_contiguous():
             window = window.to(x_t.dtype).contiguous()
-        y, window = kernels.conv1d_step(x_t, self.weight, bias, window, self.attrs["activation"])
+        y, window = kernels.conv1d_step(x_t, self.weight, bias, window, self.flags["activation"])
         return y, {"window": window}
 
 
 class RMSNorm(torch_layers.RMSNorm):
+    """RMSNorm (elementwise, no region of its own) through its forward / backward kernels."""
+
     def map(self, x):
         return kernels.rmsnorm(x, self.weight, self.attrs["eps"])
 
