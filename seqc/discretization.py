@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import sympy as sp
-from sympy.codegen.cfunctions import expm1
+from sympy.codegen.cfunctions import expm1, log1p
 from sympy.printing.numpy import NumPyPrinter
 
 from .errors import SeqcError, did_you_mean
@@ -232,7 +232,7 @@ def override(structure: str, method: str, Abar_expr, Bbar_expr):
 # expm1(z) - z loses at most 2/|z| ulps = 200 ulps of phi2 ~ 2e-14 relative).
 PHI2_TAYLOR_RADIUS = sp.Float(1e-2)
 
-_RE = {name: sp.Symbol(name, real=True) for name in ("A_re", "A_im", "B_re", "B_im", "dt", "Abar")}
+_RE = {name: sp.Symbol(name, real=True) for name in ("A_re", "A_im", "B_re", "B_im", "dt", "Abar", "x")}
 
 
 def _cmul(p, q):
@@ -353,7 +353,7 @@ def _to_ir(expr, names):
         if expr.exp < 0:
             return ("div", ("const", 1.0), _to_ir(expr.base ** -expr.exp, names))
         return _product([_to_ir(expr.base, names)] * int(expr.exp))
-    unary = {sp.exp: "exp", expm1: "expm1", sp.cos: "cos", sp.sin: "sin", sp.Abs: "abs"}
+    unary = {sp.exp: "exp", expm1: "expm1", log1p: "log1p", sp.cos: "cos", sp.sin: "sin", sp.Abs: "abs"}
     for cls, op in unary.items():
         if isinstance(expr, cls):
             return (op, _to_ir(expr.args[0], names))
@@ -712,6 +712,31 @@ def _program(structure: str, method: str) -> DiscProgram:
         kernel = grad = None      # an override the fused kernels cannot take: torch/numpy still can
     return DiscProgram(structure, method, form, _diag_program(method, abar, bbar, False),
                        _diag_program(method, abar, bbar, True), kernel, grad)
+
+
+ACTIVATIONS = ("softplus", "silu")
+
+
+@functools.lru_cache(maxsize=None)
+def activation_program(name: str) -> ScalarProgram:
+    """``x -> (f, df)``: an activation of the fused scan's prologue (``softplus``, torch's,
+    linear above 20) or epilogue (``silu``) and its derivative, derived with sympy once.
+    silu's logistic factor is kept as ``1/(1 + exp(-x))`` (finite for every x) rather than
+    the quotient of exponentials sympy's derivative would write."""
+    x, s = _RE["x"], sp.Symbol("logistic")
+    logistic = 1 / (1 + sp.exp(-x))
+    if name == "softplus":
+        smooth = log1p(sp.exp(x))
+        f = where(sp.Lt(20, x), x, smooth)
+        df = where(sp.Lt(20, x), sp.S.One, sp.diff(smooth, x))     # exp(x)/(1 + exp(x)), x <= 20
+    elif name == "silu":
+        f = x * s
+        # d logistic / dx = logistic * (1 - logistic)
+        df = sp.diff(f, x) + sp.diff(f, s) * s * (1 - s)
+        f, df = f.subs(s, logistic), df.subs(s, logistic)
+    else:
+        raise SeqcError(f"no activation program for {name!r} (known: {', '.join(ACTIVATIONS)})")
+    return scalar_program(f"act_{name}", ("x",), {"f": f, "df": df})
 
 
 def program(structure: str, method: str) -> DiscProgram:

@@ -7,7 +7,7 @@ nested tuples ``(op, *args)``:
 
     ("in", name)  ("tmp", name)  ("const", float)
     ("add", a, b)  ("sub", a, b)  ("mul", a, b)  ("div", a, b)  ("neg", a)
-    ("exp", a)  ("expm1", a)  ("cos", a)  ("sin", a)  ("abs", a)
+    ("exp", a)  ("expm1", a)  ("log1p", a)  ("cos", a)  ("sin", a)  ("abs", a)
     ("lt", a, b)  ("where", cond, a, b)
 
 A *printer* is a table from op to a format string (``"{0} + {1}"``) with a
@@ -31,7 +31,7 @@ import threading
 from dataclasses import dataclass, field
 
 ATOMS = ("in", "tmp", "const")
-OPS = ATOMS + ("add", "sub", "mul", "div", "neg", "exp", "expm1", "cos", "sin", "abs", "lt", "where")
+OPS = ATOMS + ("add", "sub", "mul", "div", "neg", "exp", "expm1", "log1p", "cos", "sin", "abs", "lt", "where")
 
 
 @dataclass(frozen=True)
@@ -89,6 +89,7 @@ def _arith(prefix: str, where: tuple, extra: dict) -> dict:
     ops = {"add": ("{0} + {1}", 20), "sub": ("{0} - {1}", 20), "mul": ("{0}*{1}", 30),
            "div": ("{0}/{1}", 30), "neg": ("-{0}", 50), "lt": ("{0} < {1}", 10),
            "exp": (f"{prefix}exp({{0}})", 100), "expm1": (f"{prefix}expm1({{0}})", 100),
+           "log1p": (f"{prefix}log1p({{0}})", 100),
            "cos": (f"{prefix}cos({{0}})", 100), "sin": (f"{prefix}sin({{0}})", 100),
            "abs": (f"{prefix}abs({{0}})", 100), "where": where}
     ops.update(extra)

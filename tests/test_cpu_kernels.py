@@ -25,7 +25,7 @@ from seqc.backends.torch import scan
 g = torch.Generator().manual_seed(0)
 r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)
 u, delta, A, B, C = r(1, 9, 16), r(1, 9, 16), -torch.exp(r(16, 4)), r(1, 9, 4), r(1, 9, 4)
-engine = type(scan._pick_engine(u, "mamba", None)).__name__
+engine = type(scan._pick_engine(u, "mamba", None, {"delta_softplus": True})).__name__
 y = scan.selective_scan(u, delta, A, B, C, chunk=4)
 threads = torch.get_num_threads()
 import os; os.environ["SEQC_NO_NUMBA"] = "1"

@@ -16,10 +16,15 @@ at compile time).  Nothing in this file spells a discretization: the
 prologue's statements come from ``DiscProgram.kernel`` / ``kernel_grad``
 printed for the ``numba`` target, where ``exp`` is ``_exp``.
 
-Kernels are specialised by ``flags`` (a dict): ``disc`` (the program),
-``gain_per_channel`` (the B gain does not depend on A, so sums over the state
-can be factored).  Softplus, bias, D skip and gate stay torch ops around the
-kernels (see ``scan.kernel_flags``).
+Kernels are specialised by the discretization program (when its B gain is
+just dt, sums over the state are factored out of the inner loop) and by the
+fusion region's flags (``scan.kernel_flags``): ``delta_bias`` and
+``delta_softplus`` make the prologue on the raw delta, ``d_skip`` and
+``gate`` ("silu") the epilogue that writes the final y.  softplus and silu and
+their derivatives are the scalar programs of
+``seqc.discretization.activation_program``, printed like the discretization;
+the backward kernel applies their chain rules and accumulates d bias and d D
+per (batch, block), recomputing the pre-gate output from the states.
 
 Cache: the generated module is written (atomically: temp file + ``os.replace``)
 to ``$SEQC_CACHE_DIR``, else ``$XDG_CACHE_HOME/seqc``, else ``~/.cache/seqc``,
@@ -122,7 +127,7 @@ def numba_module():
 # the template
 # --------------------------------------------------------------------------- #
 _HEADER = '''\
-"""seqc: generated CPU kernels of the diagonal linear recurrence ({method}).
+"""seqc: generated CPU kernels of the diagonal linear recurrence ({method}; {flags}).
 Prologue/epilogue printed from the discretization's scalar programs; regenerate, do not edit."""
 import math
 
@@ -135,45 +140,53 @@ _CACHE = {cache}
 # runtime version: {version}
 '''
 
-_FWD = '''
+_FWD = """
 @numba.njit(parallel=True, fastmath={{"contract"}}, cache=_CACHE)
-def fwd(u, dt, A, B, C, chunk, y, ckpt, x):
-    """u, dt, y: (b, L, nw, W); A: (nw, N, W); B, C: (b, L, N); x (b, nw, N, W) holds the
-    initial state on entry and the final state on exit; ckpt (b, nchunks, nw, N, W) gets the
-    state before each chunk."""
+def fwd(u, dt, A, B, C, Dv, z, bias, chunk, y, ckpt, x):
+    \"""u, dt (raw), z, y: (b, L, nw, W); A: (nw, N, W); B, C: (b, L, N); Dv, bias: (nw, W);
+    x (b, nw, N, W) holds the initial state on entry and the final state on exit; ckpt
+    (b, nchunks, nw, N, W) gets the state before each chunk.  y is the final output
+    (after the skip and the gate where the flags have them).\"""
     nb, L, nw, W = u.shape
     N = A.shape[1]
     for job in numba.prange(nb * nw):
         b, k = job // nw, job % nw
         xk, Ak = x[b, k], A[k]
+        dl = np.empty(W, dtype=u.dtype)
         for t in range(L):
             if t % chunk == 0:
                 ckpt[b, t // chunk, k] = xk
             ut, dtt, yt = u[b, t, k], dt[b, t, k], y[b, t, k]
-            yt[:] = 0
+            for j in range(W):                            # prologue: delta (bias, softplus)
+{delta_fwd}
+                yt[j] = 0
             for n in range(N):
                 bn, cn, xn, An = B[b, t, n], C[b, t, n], xk[n], Ak[n]
                 for j in range(W):
                     A_re = An[j]
-                    delta = dtt[j]
+                    delta = dl[j]
 {prologue}
                     v = {a} * xn[j] + {gain} * ut[j] * bn    # core: x_t = a_t x_(t-1) + b_t
                     xn[j] = v
                     yt[j] += cn * v                       # epilogue: y_t = <C_t, x_t>
-'''
+{epilogue_fwd}
+"""
 
-_BWD = '''
+_BWD = """
 @numba.njit(parallel=True, fastmath={{"contract", "reassoc"}}, cache=_CACHE)
-def bwd(u, dt, A, B, C, ckpt, gy, chunk, h, xs, als, du, ddt, dA, dB, dC):
-    """Adjoint of fwd (same layouts).  h (b, nw, N, W) enters as the final-state gradient and
-    leaves as the initial-state gradient; dA (b, nw, N, W) starts at zero; job j owns the
-    workspaces xs[j] (chunk+1, N, W) and als[j] (chunk, N, W) and writes its block's share of
-    dB and dC into dB[b, k], dC[b, k] (L, N)."""
+def bwd(u, dt, A, B, C, Dv, z, bias, ckpt, gy, chunk, h, xs, als, du, ddt, dA, dB, dC, dD, dbias, dz):
+    \"""Adjoint of fwd (same layouts).  h (b, nw, N, W) enters as the final-state gradient and
+    leaves as the initial-state gradient; dA (b, nw, N, W), dD, dbias (b, nw, W) start at zero;
+    job j owns the workspaces xs[j] (chunk+1, N, W) and als[j] (chunk, N, W) and writes its
+    block's share of dB and dC into dB[b, k], dC[b, k] (L, N).  ddt is the raw delta's gradient.\"""
     nb, L, nw, W = u.shape
     N = A.shape[1]
     for job in numba.prange(nb * nw):
         b, k = job // nw, job % nw
         x, a, hk, dAk, Ak = xs[job], als[job], h[b, k], dA[b, k], A[k]
+        dl = np.empty(W, dtype=u.dtype)
+        ds = np.empty(W, dtype=u.dtype)     # d delta / d raw delta
+        g = np.empty(W, dtype=u.dtype)      # gradient of the contraction's output
         zero = np.zeros(1, dtype=u.dtype)[0]  # a 0.0 literal would make the sums float64
         for c in range(ckpt.shape[1] - 1, -1, -1):
             t0 = c * chunk
@@ -181,20 +194,25 @@ def bwd(u, dt, A, B, C, ckpt, gy, chunk, h, xs, als, du, ddt, dA, dB, dC):
             x[0] = ckpt[b, c, k]
             for i in range(t1 - t0):  # recompute this chunk's states
                 ut, dtt = u[b, t0 + i, k], dt[b, t0 + i, k]
+                for j in range(W):
+{delta_fwd_b}
                 for n in range(N):
                     bn, An, an, xp, xn = B[b, t0 + i, n], Ak[n], a[i, n], x[i, n], x[i + 1, n]
                     for j in range(W):
                         A_re = An[j]
-                        delta = dtt[j]
+                        delta = dl[j]
 {prologue}
                         an[j] = {a}
                         xn[j] = an[j] * xp[j] + {gain} * ut[j] * bn
             for i in range(t1 - t0 - 1, -1, -1):  # adjoint recurrence, h = dL/dx_t
                 t = t0 + i
-                ut, dtt, g = u[b, t, k], dt[b, t, k], gy[b, t, k]
+                ut, dtt, gyt = u[b, t, k], dt[b, t, k], gy[b, t, k]
                 s_b, s_a = du[b, t, k], ddt[b, t, k]
-                s_b[:] = 0
-                s_a[:] = 0
+                for j in range(W):
+{delta_bwd}
+                    s_b[j] = 0
+                    s_a[j] = 0
+{epilogue_bwd}
                 for n in range(N):
                     bn, cn = B[b, t, n], C[b, t, n]
                     hn, xn, xp, an, dAn, An = hk[n], x[i + 1, n], x[i, n], a[i, n], dAk[n], Ak[n]
@@ -202,7 +220,7 @@ def bwd(u, dt, A, B, C, ckpt, gy, chunk, h, xs, als, du, ddt, dA, dB, dC):
                     sum_c = zero
                     for j in range(W):
                         A_re = An[j]
-                        delta = dtt[j]
+                        delta = dl[j]
                         Abar = an[j]
 {grad_prologue}
                         hv = hn[j] + g[j] * cn
@@ -215,7 +233,7 @@ def bwd(u, dt, A, B, C, ckpt, gy, chunk, h, xs, als, du, ddt, dA, dB, dC):
                     dB[b, k, t, n] = sum_b
                     dC[b, k, t, n] = sum_c
 {channel_terms}
-'''
+"""
 
 
 def _indent(lines, n):
@@ -233,13 +251,97 @@ def _scaled(factor: str, deriv, program, name) -> str | None:
     return f"{factor} * {text}" if text.isidentifier() else f"{factor} * ({text})"
 
 
-def generate(disc, cache: bool) -> str:
-    """The kernel module's source for a diag DiscProgram (with kernel programs).
+FLAGS = ("delta_bias", "delta_softplus", "d_skip", "gate")
+
+
+def normalise_flags(flags) -> tuple:
+    """The kernel specialisation as a hashable tuple (delta_bias, delta_softplus, d_skip, gate)."""
+    if isinstance(flags, tuple):
+        flags = dict(zip(FLAGS, flags))
+    flags = flags or {}
+    gate = flags.get("gate")
+    if gate not in (None, False, True, "silu"):
+        raise ValueError(f"the fused scan kernel has no gate {gate!r}")
+    return (bool(flags.get("delta_bias")), bool(flags.get("delta_softplus")), bool(flags.get("d_skip")),
+            "silu" if gate else None)
+
+
+def _act(name, arg, prefix):
+    """(statements, f, df) of the activation program ``name`` at ``arg`` (printed for numba)."""
+    from seqc.discretization import activation_program
+    lines, out = activation_program(name).inline("numba", {"x": arg}, prefix=prefix)
+    return lines, out["f"], out["df"]
+
+
+def _delta_lines(bias, softplus, grad):
+    """The prologue on the raw delta: dl[j] (and ds[j] = d dl / d raw, when ``grad``)."""
+    raw = "dtt[j] + bias[k, j]" if bias else "dtt[j]"
+    if not softplus:
+        return [f"dl[j] = {raw}"] + (["ds[j] = 1"] if grad else [])
+    lines, f, df = _act("softplus", "_r", "_sp")
+    return [f"_r = {raw}"] + lines + [f"dl[j] = {f}"] + ([f"ds[j] = {df}"] if grad else [])
+
+
+def _epilogue(d_skip, gate):
+    """Forward: y = <C, x> (+ D u) (* silu(z)), in place in yt after the state loop."""
+    body = []
+    if d_skip:
+        body.append("yv = yt[j] + Dv[k, j] * ut[j]")
+    else:
+        body.append("yv = yt[j]")
+    if gate:
+        lines, f, _ = _act("silu", "zt[j]", "_sg")
+        body += lines + [f"yt[j] = yv * {f}"]
+    elif d_skip:
+        body.append("yt[j] = yv")
+    else:
+        return []
+    head = ["zt = z[b, t, k]"] if gate else []
+    return head + ["for j in range(W):"] + ["    " + ln for ln in body]
+
+
+def _epilogue_grad(d_skip, gate):
+    """Backward, per step before the adjoint: g = d loss / d <C, x> from gy (the gate's
+    chain rule, dz), with the skip's dD; the pre-gate output is recomputed from the states."""
+    if not gate:
+        lines = ["for j in range(W):", "    g[j] = gyt[j]"]
+    else:
+        sl, f, df = _act("silu", "zt[j]", "_sg")
+        lines = ["for j in range(W):", "    g[j] = " + ("Dv[k, j] * ut[j]" if d_skip else "zero"),
+                 "for n in range(N):     # the pre-gate output, from the recomputed states",
+                 "    cn, xn = C[b, t, n], x[i + 1, n]",
+                 "    for j in range(W):", "        g[j] += cn * xn[j]",
+                 "zt, dzt = z[b, t, k], dz[b, t, k]",
+                 "for j in range(W):"] + ["    " + ln for ln in sl] + [
+                 f"    dzt[j] = gyt[j] * g[j] * ({df})", f"    g[j] = gyt[j] * {f}"]
+    if d_skip:
+        lines += ["for j in range(W):", "    dD[b, k, j] += g[j] * ut[j]"]
+    return lines
+
+
+def _epilogue_channel(bias, softplus, d_skip):
+    """After the adjoint of one step: the skip's du, the prologue's chain rule, d bias."""
+    body = []
+    if d_skip:
+        body.append("s_b[j] += g[j] * Dv[k, j]")
+    if softplus:
+        body.append("s_a[j] *= ds[j]")
+    if bias:
+        body.append("dbias[b, k, j] += s_a[j]")
+    return ["for j in range(W):"] + ["    " + ln for ln in body] if body else []
+
+
+def generate(disc, cache: bool, flags=None) -> str:
+    """The kernel module's source for a diag DiscProgram (with kernel programs) and the
+    region's ``flags`` (see ``normalise_flags``): delta bias and softplus are the prologue
+    on the raw delta, the D skip and the silu gate the epilogue writing the final y; their
+    derivatives (the activations' programs) are generated into the backward kernel.
 
     Specialisation: when the program's gain is just dt (Euler for B, as in
     ``mamba``), d gain = d dt and the sums over the state are factored out of
     the inner loop (``du = dt * sum_n h B_n``); otherwise the gain and its
     derivatives are evaluated per element."""
+    bias, softplus, d_skip, gate = normalise_flags(flags)
     kern, grad = disc.kernel, disc.kernel_grad
     names = {"A_re": "A_re", "dt": "delta"}
     pro, out = kern.inline("numba", names, prefix="_p")
@@ -258,12 +360,19 @@ def generate(disc, cache: bool) -> str:
     if dd:
         terms.append(f"s_a[j] += {' + '.join(dd)}")
     channel = ["for j in range(W):  # gain = dt: du = dt * sum_n h B_n, ddt += u * sum_n h B_n",
-               "    s_a[j] += ut[j] * s_b[j]", "    s_b[j] *= dtt[j]"] if gain_is_dt else []
-    fwd = _FWD.format(prologue=_indent(pro, 20), a=a, gain=gain)
+               "    s_a[j] += ut[j] * s_b[j]", "    s_b[j] *= dl[j]"] if gain_is_dt else []
+    channel += _epilogue_channel(bias, softplus, d_skip)
+    fwd = _FWD.format(prologue=_indent(pro, 20), a=a, gain=gain,
+                      delta_fwd=_indent(_delta_lines(bias, softplus, False), 16),
+                      epilogue_fwd=_indent(_epilogue(d_skip, gate), 12))
     bwd = _BWD.format(prologue=_indent(pro, 24), a=a, gain=gain, grad_prologue=_indent(adjoint, 24),
-                      gain_b="delta" if gain_is_dt else "gv", gain_u="" if gain_is_dt else " * gv",
+                      delta_fwd_b=_indent(_delta_lines(bias, softplus, False), 20),
+                      delta_bwd=_indent(_delta_lines(bias, softplus, True), 20),
+                      epilogue_bwd=_indent(_epilogue_grad(d_skip, gate), 16),
+                      gain_b="dl[j]" if gain_is_dt else "gv", gain_u="" if gain_is_dt else " * gv",
                       grad_terms=_indent(terms, 24), channel_terms=_indent(channel, 16))
-    header = _HEADER.format(method=disc.method, exp_module=__name__, cache=bool(cache), version=_VERSION)
+    header = _HEADER.format(method=disc.method, exp_module=__name__, cache=bool(cache), version=_VERSION,
+                            flags=", ".join(f"{k}={v}" for k, v in zip(FLAGS, (bias, softplus, d_skip, gate))))
     return header + fwd + bwd
 
 
@@ -345,34 +454,35 @@ def _from_file(source: str, stem: str):
     return module.fwd, module.bwd
 
 
-def _in_memory(disc):
+def _in_memory(disc, flags=None):
     _announce()
-    source = generate(disc, cache=False)
+    source = generate(disc, cache=False, flags=flags)
     namespace = {"__name__": "seqc_cpu_kernels_in_memory"}
     exec(compile(source, f"<seqc cpu kernels {disc.method}>", "exec"), namespace)
     return namespace["fwd"], namespace["bwd"]
 
 
-def kernels(disc):
-    """(fwd, bwd) numba kernels for the diag DiscProgram ``disc``; None without numba or
-    when the program has no kernel form."""
+def kernels(disc, flags=None):
+    """(fwd, bwd) numba kernels for the diag DiscProgram ``disc`` and the fusion flags
+    (``normalise_flags``); None without numba or when the program has no kernel form."""
     if disc.kernel is None or numba_module() is None:
         return None
-    key = (disc.kernel.digest, disc.kernel_grad.digest)
+    flags = normalise_flags(flags)
+    key = (disc.kernel.digest, disc.kernel_grad.digest, flags)
     with _LOCK:
         found = _STATE["kernels"].get(key)
         if found is None:
-            source = generate(disc, cache=True)
+            source = generate(disc, cache=True, flags=flags)
             stem = "kernels_" + hashlib.sha256(source.encode()).hexdigest()[:20]
             try:
                 found = _from_file(source, stem)
             except Exception:      # read-only or broken cache: compile in memory instead
-                stem, found = None, _in_memory(disc)
-            found = _STATE["kernels"][key] = _Guarded(found, disc, source, stem)
+                stem, found = None, _in_memory(disc, flags)
+            found = _STATE["kernels"][key] = _Guarded(found, disc, source, stem, flags)
         return found
 
 
-def _rebuild(disc, source, stem):
+def _rebuild(disc, source, stem, flags):
     """After a cached kernel failed to load: drop the stem's numba cache and compile again
     (in memory if even that fails)."""
     if stem is not None:
@@ -382,15 +492,16 @@ def _rebuild(disc, source, stem):
             return _from_file(source, stem)
         except Exception:
             pass
-    return _in_memory(disc)
+    return _in_memory(disc, flags)
 
 
 class _Guarded:
     """The kernel pair; if a cached kernel fails to load on its first call (a damaged numba
     cache), the pair is rebuilt and the call retried once."""
 
-    def __init__(self, pair, disc, source, stem):
+    def __init__(self, pair, disc, source, stem, flags):
         self.pair, self.disc, self.source, self.stem, self.tried = pair, disc, source, stem, set()
+        self.flags = flags
 
     def _call(self, which, args):
         numba = _STATE["numba"]
@@ -404,7 +515,7 @@ class _Guarded:
                 return self.pair[which](*args)
             except (pickle.UnpicklingError, EOFError, OSError, ImportError, AttributeError):
                 with _LOCK:
-                    self.pair = _rebuild(self.disc, self.source, self.stem)
+                    self.pair = _rebuild(self.disc, self.source, self.stem, self.flags)
                     self.stem = None
                 return self.pair[which](*args)
             finally:

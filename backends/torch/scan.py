@@ -31,8 +31,11 @@ backwards through it.  Two engines implement that core:
   run backwards in time, the (elementwise) discretization differentiated by
   autograd.
 
-Softplus, bias, the ``D`` skip and the gate are plain torch ops around the
-core, so autograd handles them (they only need O(batch*L*D) memory).
+The numba kernels are also specialised by the fusion flags (``kernel_flags``:
+delta bias, softplus, ``D`` skip, silu gate): they read the raw delta and z
+and write the final y, and their backward gives every input's gradient
+(``_FusedScan``).  With the torch engine those pieces are torch ops around
+the core, differentiated by autograd (O(batch*L*D) memory either way).
 bf16/fp16 inputs are computed in float32 and returned in the input dtype.
 """
 import math
@@ -223,7 +226,12 @@ def _numba_kernels(program=None):
 
 class _NumbaEngine:
     """CPU core: the generated forward and backward kernels, called on the
-    blocked layouts described above."""
+    blocked layouts described above.  The kernels are specialised by the
+    region's flags: they read the raw delta (bias, softplus inside), the gate
+    z and D, and write the final y; backward returns the gradients of all of
+    them (``_FusedScan``)."""
+
+    fused = True
 
     def __init__(self, chunk, kernels):
         self.chunk = chunk
@@ -231,15 +239,18 @@ class _NumbaEngine:
 
     @staticmethod
     def _blocked(u, A):
-        """Blocked views of (b, L, D) tensors, A (D, N) blocked, and a function
-        giving a fresh blocked copy of a (b, D, N) state (the kernels write it)."""
+        """Blocked views of (b, L, D) tensors, A (D, N) blocked, a function giving a fresh
+        blocked copy of a (b, D, N) state (the kernels write it), and one blocking a (D,)
+        vector (zeros for None: a flag that is off never reads it)."""
         b, L, d = u.shape
         W = _block_width(b, d, torch.get_num_threads())
         seq = lambda t: t.detach().contiguous().view(b, L, d // W, W).numpy()  # noqa: E731
         blk = A.detach().t().reshape(A.shape[1], d // W, W).transpose(0, 1).contiguous()
         state_in = lambda s: s.detach().to(u.dtype).transpose(1, 2).reshape(  # noqa: E731
             b, A.shape[1], d // W, W).transpose(1, 2).clone(memory_format=torch.contiguous_format)
-        return seq, blk.numpy(), state_in
+        vec = lambda v: (u.new_zeros(d) if v is None else v.detach().contiguous()).view(  # noqa: E731
+            d // W, W).numpy()
+        return seq, blk.numpy(), state_in, vec
 
     @staticmethod
     def _state_out(s):
@@ -247,39 +258,45 @@ class _NumbaEngine:
         b, nw, N, W = s.shape
         return s.transpose(1, 2).reshape(b, N, nw * W).transpose(1, 2)
 
-    def forward(self, u, delta, A, B, C, x0):
-        seq, Ablk, state_in = self._blocked(u, A)
+    def forward(self, u, delta, A, B, C, D, z, bias, x0):
+        seq, Ablk, state_in, vec = self._blocked(u, A)
         b, L, nw, W = seq(u).shape
         y = u.new_empty(b, L, nw * W)
         x = state_in(x0)
         ckpt = u.new_empty((b, -(-L // self.chunk)) + x.shape[1:])
         self.fwd(seq(u), seq(delta), Ablk, B.detach().contiguous().numpy(),
-                 C.detach().contiguous().numpy(), self.chunk,
+                 C.detach().contiguous().numpy(), vec(D), seq(u if z is None else z), vec(bias), self.chunk,
                  y.view(b, L, nw, W).numpy(), ckpt.numpy(), x.numpy())
         return y, self._state_out(x), ckpt
 
-    def backward(self, u, delta, A, B, C, ckpt, gy, gx):
-        seq, Ablk, state_in = self._blocked(u, A)
+    def backward(self, u, delta, A, B, C, D, z, bias, ckpt, gy, gx):
+        seq, Ablk, state_in, vec = self._blocked(u, A)
         b, L, nw, W = seq(u).shape
         N = A.shape[1]
         h = state_in(gx)
         du, ddt, dA = u.new_empty(b, L, nw * W), u.new_empty(b, L, nw * W), torch.zeros_like(h)
         dB, dC = u.new_empty(b, nw, L, N), u.new_empty(b, nw, L, N)
+        dD, dbias = u.new_zeros(b, nw, W), u.new_zeros(b, nw, W)
+        dz = u.new_empty(b, L, nw * W) if z is not None else u.new_empty(1, 1, nw, W)
         xs = u.new_empty(b * nw, self.chunk + 1, N, W)
         als = u.new_empty(b * nw, self.chunk, N, W)
         self.bwd(seq(u), seq(delta), Ablk, B.detach().contiguous().numpy(),
-                 C.detach().contiguous().numpy(), ckpt.numpy(), seq(gy), self.chunk,
+                 C.detach().contiguous().numpy(), vec(D), seq(u if z is None else z), vec(bias),
+                 ckpt.numpy(), seq(gy), self.chunk,
                  h.numpy(), xs.numpy(), als.numpy(), du.view(b, L, nw, W).numpy(),
-                 ddt.view(b, L, nw, W).numpy(), dA.numpy(), dB.numpy(), dC.numpy())
+                 ddt.view(b, L, nw, W).numpy(), dA.numpy(), dB.numpy(), dC.numpy(), dD.numpy(),
+                 dbias.numpy(), dz.view(-1, dz.shape[1], nw, W).numpy())
         return (du, ddt, self._state_out(dA).sum(0), dB.sum(1), dC.sum(1),
-                self._state_out(h))
+                None if D is None else dD.sum(0).reshape(-1), None if z is None else dz,
+                None if bias is None else dbias.sum(0).reshape(-1), self._state_out(h))
 
 
 # --------------------------------------------------------------------------- #
 # the autograd core and the public entry point
 # --------------------------------------------------------------------------- #
 class _ScanCore(torch.autograd.Function):
-    """(u, delta, A, B, C, x0) -> (y without skip/gate, final state), O(L/chunk) states saved."""
+    """(u, delta, A, B, C, x0) -> (y without skip/gate, final state), O(L/chunk) states saved
+    (the torch engine: prologue and epilogue are torch ops around it)."""
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, x0, engine):
@@ -298,12 +315,35 @@ class _ScanCore(torch.autograd.Function):
         return grads + (None,)
 
 
-def _pick_engine(u, disc, chunk):
+class _FusedScan(torch.autograd.Function):
+    """(u, raw delta, A, B, C, D, z, delta_bias, x0) -> (final y, final state): the whole
+    region in the generated kernels (``_NumbaEngine``), O(L/chunk) states saved; absent
+    optional tensors are None and get no gradient."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, bias, x0, engine):
+        y, xL, ckpt = engine.forward(u, delta, A, B, C, D, z, bias, x0)
+        ctx.engine, ctx.absent = engine, (D is None, z is None, bias is None)
+        ctx.save_for_backward(u, delta, A, B, C, D, z, bias, ckpt)
+        return y, xL
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gy, gx):
+        u, delta, A, B, C, D, z, bias, ckpt = ctx.saved_tensors
+        gy = torch.zeros_like(u) if gy is None else gy.contiguous()
+        gx = u.new_zeros(u.shape[0], u.shape[2], A.shape[1]) if gx is None else gx
+        grads = ctx.engine.backward(u, delta, A, B, C, D, z, bias, ckpt, gy, gx)
+        return grads + (None,)
+
+
+def _pick_engine(u, disc, chunk, flags=None):
     """The numba engine where it applies and is wanted (CPU, a program with a kernel form),
-    else the torch one.  ``disc``: a method name or a DiscProgram."""
+    else the torch one.  ``disc``: a method name or a DiscProgram; ``flags``: the fused
+    kernel's specialisation (``cpu_kernels.normalise_flags``)."""
     program = _resolve(disc)
     use_numba = u.device.type == "cpu" and os.environ.get("SEQC_NO_NUMBA", "") in ("", "0")
-    kernels = cpu_kernels.kernels(program) if use_numba else None
+    kernels = cpu_kernels.kernels(program, flags) if use_numba else None
     if kernels is not None:
         return _NumbaEngine(chunk or _NUMBA_CHUNK, kernels)
     return _TorchEngine(chunk or _TORCH_CHUNK, program)
@@ -317,6 +357,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
 
     ``disc`` is a DiscProgram or a method name ("mamba": Euler B, "zoh",
     "bilinear"); ``chunk`` is the checkpoint interval (None: engine default).
+    The numba engine runs bias, softplus, skip and gate inside its kernels
+    (specialised by which of them are present); the torch engine as torch ops.
     Gradients reach every tensor argument.
     """
     disc = _resolve(disc)
@@ -327,7 +369,14 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         cast, (u, delta, A, B, C, D, z, delta_bias, state))
     if state is None:
         state = u.new_zeros(u.shape[0], u.shape[2], A.shape[-1])
-    delta = _prep_delta(delta, delta_bias, delta_softplus)
-    y, last = _ScanCore.apply(u, delta, A, B, C, state, _pick_engine(u, disc, chunk))
-    y = _skip_and_gate(y, u, D, z).to(out_dtype)
+    flags = {"delta_bias": delta_bias is not None, "delta_softplus": bool(delta_softplus),
+             "d_skip": D is not None, "gate": "silu" if z is not None else None}
+    engine = _pick_engine(u, disc, chunk, flags)
+    if getattr(engine, "fused", False):
+        y, last = _FusedScan.apply(u, delta, A, B, C, D, z, delta_bias, state, engine)
+    else:
+        delta = _prep_delta(delta, delta_bias, delta_softplus)
+        y, last = _ScanCore.apply(u, delta, A, B, C, state, engine)
+        y = _skip_and_gate(y, u, D, z)
+    y = y.to(out_dtype)
     return (y, last.to(out_dtype)) if return_state else y
