@@ -556,11 +556,45 @@ class Elaborator:
                             f"{how_to_raise('SEQC_MAX_DIM_OPS')})", e.span)
         return r
 
+    def _scalar_binop(self, e: ast.BinOp, a, b, name):
+        """tensor (op) number or number (op) tensor -> one `scale` node (x * scale + shift)."""
+        t, c = (a, b) if isinstance(a, Tensor) else (b, a)
+        side = e.left if t is a else e.right
+        if isinstance(c, bool) or not is_number(c):
+            raise SeqcError(f"cannot apply '{e.op}' to {kind_of(a)} and {kind_of(b)} (a tensor combines with "
+                            f"a tensor or a number)", e.span)
+        if t.dtype != "float":
+            raise SeqcError(f"'{e.op}' needs a float tensor; this one holds integer tokens (embed them first)",
+                            side.span)
+        c = float(c)
+        if not math.isfinite(c):
+            raise SeqcError(f"'{e.op}' with a non-finite number {c}", e.span)
+        tensor_left = t is a
+        if e.op == "*":
+            attrs = {"scale": c, "shift": 0.0}
+        elif e.op == "/" and tensor_left:
+            if c == 0:
+                raise SeqcError("division of a tensor by zero", e.right.span)
+            attrs = {"scale": 1.0 / c, "shift": 0.0}
+        elif e.op == "+":
+            attrs = {"scale": 1.0, "shift": c}
+        elif e.op == "-":
+            attrs = {"scale": 1.0, "shift": -c} if tensor_left else {"scale": -1.0, "shift": c}
+        else:
+            what = "a number by a tensor" if e.op == "/" else f"'{e.op}' between a tensor and a number"
+            raise SeqcError(f"cannot apply '{e.op}' to {kind_of(a)} and {kind_of(b)}: {what} is not supported "
+                            f"(tensors and numbers combine with +, -, *, and tensor / number)", e.span)
+        self._count(e.span, f"'{e.op}'")
+        node = self.graph.add("scale", [t.ref], attrs, [tuple(t.shape)], name=name, span=e.span)
+        return Tensor(Ref(node.id), tuple(t.shape), "float")
+
     def _tensor_binop(self, scope, e: ast.BinOp, a, b, name):
-        ops = {"+": "add", "-": "sub", "*": "mul"}
-        if e.op not in ops or not (isinstance(a, Tensor) and isinstance(b, Tensor)):
+        ops = {"+": "add", "-": "sub", "*": "mul", "/": "div"}
+        if not (isinstance(a, Tensor) and isinstance(b, Tensor)):
+            return self._scalar_binop(e, a, b, name)
+        if e.op not in ops:
             raise SeqcError(f"cannot apply '{e.op}' to {kind_of(a)} and {kind_of(b)}"
-                            + (" (tensors combine with +, - and *)" if e.op not in ops else ""), e.span)
+                            " (tensors combine with +, -, * and /)", e.span)
         spec = OPS[ops[e.op]]
         for t, side in ((a, e.left), (b, e.right)):
             if t.dtype != "float":
