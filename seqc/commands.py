@@ -241,3 +241,14 @@ def cmd_fmt(args) -> int:
 
 
 cmd_fmt.options = [_opt("--check", action="store_true", help="exit 1 if the file is not already formatted")]
+
+
+@command("import", "print the .seq spec of a Hugging Face save_pretrained directory or a mamba_ssm checkpoint")
+def cmd_import(args) -> int:
+    from .interop import spec_for
+    sys.stdout.write(spec_for(args.path))
+    return 0
+
+
+cmd_import.takes_spec = False
+cmd_import.options = [_opt("path", help="a save_pretrained directory (config.json + weights) or a checkpoint file")]
