@@ -79,7 +79,7 @@ def _as_list(v):
 
 def difftest(spec, backends=("numpy", "torch"), params=None, seed: int = 0, *, batch: int = 2, length: int = 16,
              modes=("auto", "auto"), tolerance: float = 1e-8) -> Report:
-    """Compare two backends (CONTRACT: seqc.difftest) node by node, in float64."""
+    """Compare two backends node by node, in float64."""
     if len(backends) != 2:
         raise SeqcError(f"difftest compares two backends, got {len(backends)}")
     if len(modes) != len(backends):

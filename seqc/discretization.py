@@ -18,8 +18,9 @@ run the derived expressions, never hand-written copies.
   block of ``exp([[M, dt B], [0, 0]])``.
 
 Public: ``discretizer``, ``derivation``, ``raw_derivation``, ``describe``,
-``source``, ``override``, ``discretize`` (the numeric NumPy entry point of the
-contract, same conventions as ``scipy.signal.cont2discrete``).
+``source``, ``override``, ``discretize`` (the numeric NumPy entry point:
+``discretize(A, B, dt, method)`` -> ``(Abar, Bbar)``, same conventions as
+``scipy.signal.cont2discrete``).
 """
 from __future__ import annotations
 
@@ -429,7 +430,7 @@ def discretizer(structure: str, method: str, backend: str):
 
 
 # --------------------------------------------------------------------------
-# numeric entry point (contract)
+# numeric entry point
 # --------------------------------------------------------------------------
 
 def _numeric(name: str, x) -> np.ndarray:

@@ -50,7 +50,7 @@ def emit(graph, trace: bool = False) -> str:
 
 
 class NumpyModel:
-    """`f(x, weights)`: the compiled reference model (CONTRACT: numpy backend).
+    """`f(x, weights)`: the compiled reference model (the NumPy backend).
 
     ``weights`` is a dict of arrays keyed like the torch model's state_dict;
     ``model.weights`` holds the seeded default initialisation.

@@ -2,7 +2,7 @@
 
 Owns ``selective_scan`` (whole sequences, with gradients to every input
 including the initial state) and ``selective_scan_step`` (one token, for
-decoding).  Semantics are mamba_ssm's ``selective_scan_ref`` (CONTRACT.md)::
+decoding).  Semantics are mamba_ssm's ``selective_scan_ref``::
 
     delta = softplus(delta + delta_bias)            # optional bias / softplus
     x_t   = exp(delta_t * A) * x_{t-1} + dB_t * u_t # per (batch, d, n)

@@ -222,7 +222,7 @@ def mamba_spec(cfg: dict) -> str:
 
 
 def from_mamba_ssm(state_dict, dtype=None):
-    """A torch-backend compiled model holding a mamba_ssm / mambapy checkpoint (CONTRACT).
+    """A torch-backend compiled model holding a mamba_ssm / mambapy checkpoint.
 
     ``state_dict`` may also be a path to a .safetensors / .pt / .bin file.  A
     language-model checkpoint without ``lm_head.weight`` ties it to the
