@@ -389,6 +389,10 @@ class Elaborator:
             missing = spec.inputs[len(tensors)]
             raise SeqcError(f"'{spec.name}' takes {required} tensor input(s) ({', '.join(spec.inputs[:required])}), "
                             f"got {len(tensors)}; missing '{missing}'", call.span)
+        tie_span = attrs_given["tie"][1] if "tie" in attrs_given else None
+        for a in spec.attrs:               # a layer attribute names another layer by the value it produced
+            if a.type == "layer" and a.name in attrs_given:
+                attrs_given[a.name] = (self._layer_of(spec, a, *attrs_given[a.name]), attrs_given[a.name][1])
         attrs = self._check_attrs(spec, attrs_given, call.span)
         for k, (t, sp) in enumerate(tensors):
             want = "int" if spec.int_input and k == 0 else "float"
@@ -438,11 +442,37 @@ class Elaborator:
                 raise SeqcError(f"'as self' places a layer's weights in its block, but '{spec.name}' has none",
                                 call.span)
             name = name_hint or (join(scope.path, module) if module else "")
+        if attrs.get("tie"):
+            self._check_tie(spec, attrs, shapes, tie_span)
         self._count(call.span, f"'{spec.name}' layer")
         node = self.graph.add(spec.name, [t.ref for t, _ in tensors], attrs, out_shapes, name=name, span=call.span,
                               dtype="float")
         outs = [Tensor(Ref(node.id, i), tuple(s), "float") for i, s in enumerate(out_shapes)]
         return outs
+
+    def _layer_of(self, spec, a, v, span) -> str:
+        """The name of the layer whose output `v` is (`tie = embeddings`)."""
+        if not isinstance(v, Tensor):
+            raise SeqcError(f"'{spec.name}' argument '{a.name}' must name a layer by its value (e.g. "
+                            f"{a.name} = embeddings), got {kind_of(v)}", span)
+        node = self.graph.nodes[v.ref.node]
+        if not (node.spec is not None and node.spec.has_weights and node.name):
+            raise SeqcError(f"'{spec.name}' argument '{a.name}': this value comes from '{node.op}', which is not a "
+                            f"layer with weights", span)
+        return node.attrs.get("tie") or node.name      # tying to a tied layer ties to its owner
+
+    def _check_tie(self, spec, attrs, shapes, span):
+        """The tied weight exists and has this layer's weight shape."""
+        own = spec.weights(shapes, attrs)["weight"]
+        owner = next(n for n in self.graph.nodes.values() if n.name == attrs["tie"] and n.spec is not None
+                     and n.spec.has_weights)
+        theirs = owner.weight_shapes().get("weight")
+        if theirs is None:
+            raise SeqcError(f"'{spec.name}': cannot tie to '{owner.name}' ({owner.op}), which has no 'weight'", span)
+        own, theirs = tuple(int(d) for d in own), tuple(int(d) for d in theirs)
+        if own != theirs:
+            raise SeqcError(f"'{spec.name}': cannot tie to '{owner.name}': its weight is {theirs} but this "
+                            f"{spec.name} needs {own}", span)
 
     def _check_attrs(self, spec, given, span):
         attrs = {}

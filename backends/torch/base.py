@@ -145,6 +145,22 @@ class Layer(nn.Module):
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.attrs.items())
 
+    def tie(self, name: str, owner: "Layer", owner_name: str) -> None:
+        """Use `owner`'s parameter `owner_name` as this layer's `name` (``tie = other``): the
+        parameter stays registered on `owner` only, so the state_dict holds it once and
+        gradients, ``.to()`` and loading all act on the one tensor."""
+        self._parameters.pop(name, None)
+        object.__setattr__(self, "_tied_" + name, (owner, owner_name))
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            tied = self.__dict__.get("_tied_" + name)
+            if tied is None:
+                raise
+            return getattr(tied[0], tied[1])
+
     def init_state(self, batch: int, dtype=torch.float32, device=None) -> dict:
         return {}
 

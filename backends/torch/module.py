@@ -138,6 +138,10 @@ def _build_tree(root: nn.Module, graph) -> None:
         mod = layers.get(path) or Container()
         made[parent].add_module(leaf, mod)
         made[path] = mod
+    for n in graph.layers():                 # tie = other: share other's Parameter (one state_dict key)
+        for own, key in n.tied().items():
+            owner, _, leaf = key.rpartition(".")
+            layers[n.name].tie(own, layers[owner], leaf)
 
 
 def _namespace() -> dict:
