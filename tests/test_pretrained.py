@@ -53,6 +53,8 @@ def test_logits_and_greedy_decoding_match_transformers(kind, tmp_path):
     ref = _hf(kind)
     model = seqc.interop.from_pretrained(_save(ref, tmp_path / kind))
     assert next(model.parameters()).dtype == torch.float64
+    # tie_word_embeddings: one parameter, under the embedding's key, shared by the head
+    assert "lm_head.weight" not in model.state_dict() and model.lm_head.weight is model.embeddings.weight
     tokens = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         assert_agree(_logits(ref, tokens), model(tokens), TOL, "forward logits")

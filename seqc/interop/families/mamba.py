@@ -6,15 +6,17 @@ The spec keeps transformers' layer names, so keys only lose the ``backbone.``
 prefix and ``embeddings`` becomes the spec's ``embeddings`` layer unchanged:
 ``embeddings.weight``, ``layers.{i}.norm.weight``,
 ``layers.{i}.mixer.{in_proj,conv1d,x_proj,dt_proj,out_proj}.{weight,bias}``,
-``layers.{i}.mixer.{A_log,D}``, ``norm_f.weight``, ``lm_head.weight``.
+``layers.{i}.mixer.{A_log,D}``, ``norm_f.weight``, and ``lm_head.weight``
+unless the head is tied to the embedding.
 
 Config settings, each honoured or refused by name:
   hidden_size, num_hidden_layers, vocab_size, state_size, conv_kernel,
   expand / intermediate_size, time_step_rank ("auto" = ceil(hidden_size / 16)),
   layer_norm_epsilon (every RMSNorm's eps), use_bias (in_proj / out_proj
-  bias), use_conv_bias, tie_word_embeddings (the head reuses
-  ``embeddings.weight``: a checkpoint without ``lm_head.weight`` loads, one
-  whose ``lm_head.weight`` differs from the embedding is refused) - honoured.
+  bias), use_conv_bias, tie_word_embeddings (the head is
+  ``linear(..., tie = embeddings)``: one parameter, ``embeddings.weight``; a
+  checkpoint without ``lm_head.weight`` loads, one whose ``lm_head.weight``
+  differs from the embedding is refused) - honoured.
   hidden_act: transformers applies it after the convolution AND to the gate
   z; seqc's selective_ssm gates with silu, so anything but "silu" is refused.
   residual_in_fp32: the residual stream is added in the model's dtype, which
@@ -114,7 +116,7 @@ model {arch}(vocab = {s['vocab']}, d_model = {s['d_model']}, n_layers = {s['n_la
   x = repeat(n_layers) {arch}Block(embeddings, d_model = d_model, d_inner = d_inner, d_state = d_state,
                                    d_conv = d_conv, dt_rank = dt_rank) as layers
   norm_f = rmsnorm(x, eps = {s['eps']!r})
-  lm_head = linear(norm_f, vocab, bias = false)
+  lm_head = linear(norm_f, vocab, bias = false{', tie = embeddings' if s['tied'] else ''})
   return lm_head
 }}
 """
@@ -138,7 +140,7 @@ def convert(state_dict: dict, config: dict, arch: str) -> dict:
                                                                               torch.as_tensor(emb))):
             raise SeqcError(f"{arch}: tie_word_embeddings is true but the checkpoint's 'lm_head.weight' differs "
                             f"from 'backbone.embeddings.weight'")
-        out["lm_head.weight"] = emb
+        out.pop("lm_head.weight", None)         # the spec's head reads embeddings.weight
     elif "lm_head.weight" not in out:
         raise SeqcError(f"{arch}: tie_word_embeddings is false but the checkpoint has no 'lm_head.weight'")
     return out
