@@ -17,6 +17,7 @@ class NumpyRenderer(Renderer):
     def __init__(self, weight_names: dict[int, list[str]], tied: dict[int, dict[str, str]]):
         self.weight_names = weight_names
         self.tied = tied
+        self.features: dict[int, int] = {}
 
     def prologue(self, program: Program) -> list[str]:
         out = []
@@ -39,6 +40,8 @@ class NumpyRenderer(Renderer):
 
     def init_state(self, c: Call) -> str:
         kw = kwargs(c.attrs)
+        if not c.has_weights:            # a weight-free stateful op sizes its state from its input
+            kw = f"features={self.features[c.node]}" + (", " + kw if kw else "")
         return f"ops.{c.op}_init_state(batch{self._p(c) or ', p={}'}{', ' + kw if kw else ''})"
 
 
@@ -50,7 +53,10 @@ def emit(graph, trace: bool = False) -> str:
     program = lower(graph)
     names = {c.node: list(graph.nodes[c.node].weight_shapes()) for c in program.calls if c.has_weights}
     tied = {c.node: graph.nodes[c.node].tied() for c in program.calls if c.has_weights}
-    return generate(program, NumpyRenderer(names, tied), trace=trace)
+    renderer = NumpyRenderer(names, tied)
+    renderer.features = {c.node: int(graph.nodes[c.node].input_shapes[0][-1]) for c in program.calls
+                         if c.stateful and not c.has_weights}
+    return generate(program, renderer, trace=trace)
 
 
 class NumpyModel:

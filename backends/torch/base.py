@@ -136,7 +136,8 @@ class Layer(nn.Module):
         super().__init__()
         self.in_features = [int(f) for f in in_features]
         self.attrs = with_defaults(self.op, dict(attrs))
-        self._build(OPS[self.op].weights(stand_in_shapes(self.in_features), self.attrs))
+        weights = OPS[self.op].weights          # None: a weight-free stateful op (e.g. mean over time)
+        self._build(weights(stand_in_shapes(self.in_features), self.attrs) if weights else {})
 
     def _build(self, shapes: dict) -> None:
         for name, shape in shapes.items():
