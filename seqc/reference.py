@@ -61,6 +61,8 @@ are per batch row (the state API adds the batch dimension).
 def _fmt(v) -> str:
     if v is REQUIRED:
         return "required"
+    if v == "":
+        return "none"
     if isinstance(v, bool):
         return "true" if v else "false"
     return repr(v) if isinstance(v, float) else str(v)
@@ -134,7 +136,7 @@ def _traits(spec: OpSpec) -> list[str]:
 def op_markdown(spec: OpSpec) -> str:
     lines = [f"### `{spec.name}`", ""]
     if spec.doc:
-        lines += [spec.doc[0].upper() + spec.doc[1:] + ("" if spec.doc.endswith(".") else "."), ""]
+        lines += [spec.doc + ("" if spec.doc.endswith(".") else "."), ""]
     lines += [f"`{signature(spec)}`", ""]
     ins = ", ".join(f"`{i}`" + (" (optional)" if i in spec.optional_inputs else "") for i in spec.inputs)
     kind = "integer token ids `[B, L]` first, " if spec.int_input else ""

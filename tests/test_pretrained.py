@@ -158,3 +158,15 @@ def test_import_command_prints_the_spec(tmp_path, capsys):
     assert out == seqc.interop.spec_for(path)
     seqc.build_graph(source=out)               # the printed spec compiles on its own
     assert main(["import", str(tmp_path / "missing")]) == 2
+
+
+def test_tied_config_with_a_different_head_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+    path = _save(_hf("mamba"), tmp_path / "t")
+    file = os.path.join(path, "model.safetensors")
+    sd = load_file(file)
+    sd["lm_head.weight"] = sd["backbone.embeddings.weight"] + 1.0
+    save_file(sd, file)
+    with pytest.raises(seqc.SeqcError, match="tie_word_embeddings is true but the checkpoint's 'lm_head.weight' "
+                                             "differs"):
+        seqc.interop.from_pretrained(path)
