@@ -66,7 +66,7 @@ def test_misuse_is_a_located_error(expr, msg):
 
 REDUCE = """model R(d = 4) {
   input x: [B, L, d]
-  return mean(x, dim = time), sum(x, dim = time), max(x, dim = time), mean(x, dim = features), sum(x, dim = features), max(x, dim = features)
+  return mean(x, dim = time), sum(x, dim = time), max(x, dim = time), mean(x, dim = features), sum(x, dim = features), max(x, dim = features), last(x, dim = time), last(x, dim = features)
 }
 """
 
@@ -74,7 +74,7 @@ REDUCE = """model R(d = 4) {
 def _reduce_formulas(x):
     n = np.arange(1, x.shape[1] + 1)[None, :, None]
     return [np.cumsum(x, 1) / n, np.cumsum(x, 1), np.maximum.accumulate(x, 1),
-            x.mean(-1, keepdims=True), x.sum(-1, keepdims=True), x.max(-1, keepdims=True)]
+            x.mean(-1, keepdims=True), x.sum(-1, keepdims=True), x.max(-1, keepdims=True), x, x[..., -1:]]
 
 
 def test_reductions_match_formulas_step_and_streaming():
@@ -102,7 +102,8 @@ POOLED = """model P(d = 4) {
   mean = mean(x, dim = time)
   max = max(x, dim = time)
   sum = sum(x, dim = time)
-  return mean + max + sum + linear(max(x, dim = features), d) / 2
+  last = last(x)
+  return mean + max + sum + last + linear(max(x, dim = features), d) / 2
 }
 """
 
@@ -122,6 +123,9 @@ def test_reductions_with_lengths_and_gradients():
     # the final state of a time reduction is the reduction over each row's own length
     assert_agree(x[1, :2].mean(0), s_t["mean"]["sum"][1] / s_t["mean"]["count"][1], 1e-14)
     assert_agree(x[1, :2].max(0), s_t["max"]["max"][1], 1e-14)
+    assert_agree(x[1, 1], s_t["last"]["last"][1], 1e-14)              # last-token pooling respects lengths
+    assert_agree(x[0, 5], s_t["last"]["last"][0], 1e-14)
+    assert float(s_t["last"]["last"][2].detach().abs().max()) == 0.0
     assert float(s_t["sum"]["sum"][2].detach().abs().max()) == 0.0 and float(s_t["max"]["count"][2]) == 0.0
     # gradient of the last running mean: 1/L to every position
     _, tm_all = _pair(REDUCE)

@@ -170,3 +170,14 @@ def test_tied_config_with_a_different_head_is_refused(tmp_path):
     with pytest.raises(seqc.SeqcError, match="tie_word_embeddings is true but the checkpoint's 'lm_head.weight' "
                                              "differs"):
         seqc.interop.from_pretrained(path)
+
+
+def test_a_single_checkpoint_file_is_read_in_mamba_ssm_layout(tmp_path):
+    from mambapy.mamba import Mamba, MambaConfig
+    torch.manual_seed(0)
+    ref = Mamba(MambaConfig(d_model=16, n_layers=1, d_state=4, expand_factor=2, d_conv=3)).double()
+    torch.save(ref.state_dict(), tmp_path / "m.pt")
+    x = torch.randn(1, 5, 16, dtype=torch.float64)
+    with torch.no_grad():
+        assert_agree(ref(x), seqc.interop.from_pretrained(tmp_path / "m.pt")(x), 1e-9)
+    assert "MambaBlock(" in seqc.interop.spec_for(tmp_path / "m.pt")

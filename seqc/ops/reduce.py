@@ -1,5 +1,5 @@
-"""Reductions for pooling and classification: ``mean``, ``sum``, ``max`` with
-``dim = time | features`` - specs, NumPy references, state.
+"""Reductions for pooling and classification: ``mean``, ``sum``, ``max`` and
+``last`` with ``dim = time | features`` - specs, NumPy references, state.
 
 Over ``features`` the op reduces each time step's features to one
 (``[B, L, d] -> [B, L, 1]``); it keeps no state.  Over ``time`` it is causal
@@ -7,8 +7,12 @@ and streams: position t holds the reduction of positions 0..t
 (``[B, L, d] -> [B, L, d]``), so the last position (with ``lengths=``: the
 output at position length - 1, or the final state) is the reduction of the
 whole sequence - a classifier reads it there - and ``step`` continues it
-token by token.  State: ``sum`` (and ``count``) for sum / mean, ``max`` and
-``count`` for max (count 0 = nothing seen yet)."""
+token by token.  ``last`` is last-token pooling: over time its output is its
+input and its state ``last`` holds the latest token's features, so with
+``lengths=`` the final state is each row's token at position length - 1 (a
+row of length 0 keeps the state it had); over features it is the last
+feature.  State: ``sum`` (and ``count``) for sum / mean, ``max`` and
+``count`` for max (count 0 = nothing seen yet), ``last`` for last."""
 from __future__ import annotations
 
 import numpy as np
@@ -28,6 +32,8 @@ def _state(how):
         if a["dim"] != "time":
             return {}
         d = int(last(s[0]))
+        if how == "last":
+            return {"last": (d,)}
         return {"max": (d,), "count": (1,)} if how == "max" else \
             {"sum": (d,), **({"count": (1,)} if how == "mean" else {})}
     return state
@@ -38,13 +44,18 @@ def _reduce(how):
     def reference(x, *, p=None, state=None, dim, plan=None, **_):
         x = f64(x)
         if dim == "features":
+            if how == "last":
+                return x[..., -1:].copy(), {}
             fn = {"mean": np.mean, "sum": np.sum, "max": np.max}[how]
             return fn(x, axis=-1, keepdims=True), {}
         batch, length, d = x.shape
         st = {k: f64(v).copy() for k, v in (state or _init(how)(batch, p, dim, d)).items()}
         y = np.zeros_like(x)
         for t in range(length):
-            if how == "max":
+            if how == "last":
+                st["last"] = x[:, t].copy()
+                y[:, t] = x[:, t]
+            elif how == "max":
                 st["max"] = np.where(st["count"] > 0, np.maximum(st["max"], x[:, t]), x[:, t])
                 st["count"] = st["count"] + 1
                 y[:, t] = st["max"]
@@ -80,7 +91,7 @@ def _step(how):
     return step
 
 
-for _how in ("mean", "sum", "max"):
+for _how in ("mean", "sum", "max", "last"):
     register_op(OpSpec(
         _how, ("x",), (Attr("dim", "enum", "time", DIMS, doc="time: running over positions 0..t; features: "
                                                                "over the last dimension"),),

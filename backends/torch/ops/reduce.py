@@ -1,4 +1,4 @@
-"""mean / sum / max over time (running, causal, with state and lengths=) or
+"""mean / sum / max / last over time (running, causal, with state and lengths=) or
 over features, as torch layers: cumulative sums / cummax over the sequence."""
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ class _Reduce(Recurrent):
             (torch.arange(length, device=x.device)[None, :] < lengths.to(x.device)[:, None])[..., None]
         if self.attrs["dim"] == "features":
             y = {"mean": lambda: x.mean(-1, keepdim=True), "sum": lambda: x.sum(-1, keepdim=True),
-                 "max": lambda: x.amax(-1, keepdim=True)}[self.how]()
+                 "max": lambda: x.amax(-1, keepdim=True), "last": lambda: x[..., -1:]}[self.how]()
             if live is not None:
                 y = torch.where(live, y, torch.zeros_like(y))
             return (y, {}) if return_state else y
@@ -25,7 +25,16 @@ class _Reduce(Recurrent):
             state = self.init_state(batch, x.dtype, x.device)
         on = torch.ones_like(x[..., :1], dtype=torch.bool) if live is None else live
         zero = torch.zeros_like(x)
-        if self.how == "max":
+        if self.how == "last":
+            prev = state["last"].to(x.dtype)
+            if lengths is None:
+                new = {"last": x[:, -1]}
+            else:
+                n = lengths.to(x.device)
+                at = x[torch.arange(batch, device=x.device), (n - 1).clamp_min(0)]
+                new = {"last": torch.where((n > 0)[:, None], at, prev)}
+            y = torch.where(on, x, zero)
+        elif self.how == "max":
             seen = state["count"].to(x.dtype)                                  # (B, 1)
             prev = torch.where(seen > 0, state["max"].to(x.dtype), torch.full_like(state["max"], -torch.inf,
                                                                                   dtype=x.dtype))
@@ -54,3 +63,7 @@ class Sum(_Reduce):
 
 class Max(_Reduce):
     op = how = "max"
+
+
+class Last(_Reduce):
+    op = how = "last"
