@@ -182,3 +182,28 @@ def test_new_syntax_round_trips_through_fmt():
         assert format_source(text) == text
         a, b = seqc.build_graph(source=src), seqc.build_graph(source=text)
         assert [(n.op, n.attrs) for n in a.order()] == [(n.op, n.attrs) for n in b.order()]
+
+
+GRAD = """model G(d = 4) {
+  input x: [B, L, d]
+  a = softmax(x) * exp(x / 2) + sqrt(x * x + 1) - rms(x)
+  b = mean(a, dim = time) + max(x, dim = time) + 0.5 * last(x, dim = time)
+  return b / (2 + x * x) + linear(sum(b, dim = features), d)
+}
+"""
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-8), (torch.float32, 2e-3)])
+def test_torch_gradients_match_finite_differences_of_the_reference(dtype, tol):
+    ref = seqc.compile(source=GRAD, backend="numpy")
+    tm = seqc.compile(source=GRAD, backend="torch").to(dtype).load_numpy(ref.weights)
+    x = RNG.standard_normal((1, 3, 4))
+    w = RNG.standard_normal((1, 3, 4))
+    xt = torch.as_tensor(x, dtype=dtype).requires_grad_()
+    (tm(xt) * torch.as_tensor(w, dtype=dtype)).sum().backward()
+    h, fd = 1e-6, np.zeros_like(x)
+    for i in np.ndindex(x.shape):
+        e = np.zeros_like(x)
+        e[i] = h
+        fd[i] = ((ref(x + e, ref.weights) - ref(x - e, ref.weights)) * w).sum() / (2 * h)
+    assert_agree(fd, xt.grad, tol)
