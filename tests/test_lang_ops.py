@@ -193,7 +193,7 @@ GRAD = """model G(d = 4) {
 """
 
 
-@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-8), (torch.float32, 2e-3)])
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-8), (torch.float32, 1e-5)])   # measured 4e-10, 5e-8
 def test_torch_gradients_match_finite_differences_of_the_reference(dtype, tol):
     ref = seqc.compile(source=GRAD, backend="numpy")
     tm = seqc.compile(source=GRAD, backend="torch").to(dtype).load_numpy(ref.weights)
