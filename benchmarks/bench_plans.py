@@ -14,7 +14,8 @@ import torch
 import seqc
 from seqc.benchmark import median_ms
 from seqc.passes import PlanContext
-from seqc.passes.planner import MACHINES, choose
+from seqc.backend import get_backend
+from seqc.passes.planner import choose
 
 
 def main():
@@ -52,7 +53,7 @@ def main():
             measured[p] = median_ms(go, args.repeat if L <= 4096 else 2)
         ctx = PlanContext(batch=args.batch, length=L, training=args.train)
         opts, best, _ = choose(node, ctx)
-        mach = MACHINES[("torch", "cpu")]
+        mach = get_backend("torch").machine("cpu", "float32")
         predicted = {o.plan: o.seconds(mach) * 1e3 for o in opts if o.legal}
         winner = min(measured, key=measured.get)
         rows.append(dict(length=L, measured_ms=measured, predicted_ms=predicted, measured_winner=winner,

@@ -49,7 +49,8 @@ def _plans_present(spec, params, backend, modes, length, batch):
 
 def bench(spec, params=None, *, backend="torch", length=1024, batch=2, repeat=3, steps=32,
           modes=("auto", "conv", "scan", "recurrent")):
-    import torch
+    from .backend import get_backend
+    be = get_backend(backend)
     modes = _plans_present(spec, params, backend, modes, length, batch)
     rows = []
     total = len(modes) * 3
@@ -57,28 +58,23 @@ def bench(spec, params=None, *, backend="torch", length=1024, batch=2, repeat=3,
     for mode in modes:
         model = compile(spec, backend=backend, params=params, mode=mode, length=length, batch=batch)
         g = model.graph
-        (x,) = [torch.as_tensor(a) if a.dtype.kind == "i" else torch.as_tensor(a, dtype=torch.float32)
-                for a in random_inputs(g, batch, length, np.random.default_rng(0))]
+        (x,) = be.inputs(model, random_inputs(g, batch, length, np.random.default_rng(0)))
         plans = ",".join(sorted({str(m.meta["plan"]) for m in g.order() if "plan" in m.meta})) or "-"
         row = {"mode": mode, "plans": plans}
         _progress(k, total, f"{mode}: forward")
-        with torch.no_grad():
+        with be.inference():
             row["forward_ms"] = median_ms(lambda: model(x), repeat)
         k += 1
         _progress(k, total, f"{mode}: forward+backward")
-
-        def fb():
-            model.zero_grad(set_to_none=True)
-            sum(y.float().sum() for y in as_list(model(x))).backward()
-        row["fwd_bwd_ms"] = median_ms(fb, repeat)
+        row["fwd_bwd_ms"] = median_ms(lambda: be.backward(model, model(x)), repeat) if be.autograd else float("nan")
         k += 1
         _progress(k, total, f"{mode}: step")
 
         def decode():
             state = model.init_state(batch)
             for t in range(min(steps, length)):
-                _, state = model.step(x[:, t], state)
-        with torch.no_grad():
+                _, state = model.step(x[:, t], state=state)
+        with be.inference():
             row["step_ms"] = median_ms(decode, max(1, repeat // 2)) / min(steps, length)
         k += 1
         _progress(k, total, f"{mode}: done")

@@ -71,8 +71,10 @@ def _line(r: Renderer, c: Call, state_in: str, step: bool) -> str:
 def generate(program: Program, r: Renderer, trace: bool = False) -> str:
     """Source of forward / init_state / step for `program` in the renderer's spelling.
 
-    With ``trace=True`` only a ``forward_traced(..., trace)`` is generated, which
-    also stores every node's result in ``trace[node_id]`` (for difftest)."""
+    With ``trace=True`` only a ``forward_traced(..., trace, hook)`` is generated,
+    which also stores every node's result in ``trace[node_id]`` (for difftest);
+    ``hook(node_id, value)``, when given, may replace a result as it is computed
+    (difftest's fault injection).  A fusion region's calls are marked by comments."""
     ins = ", ".join(program.inputs)
     lines = [r.header] if r.header else []
     ind = "    " if r.self_arg else ""
@@ -86,7 +88,7 @@ def generate(program: Program, r: Renderer, trace: bool = False) -> str:
 
     # forward over a whole sequence
     fname = "forward_traced" if trace else "forward"
-    extra = ", trace=None" if trace else ""
+    extra = ", trace=None, hook=None" if trace else ""
     emit(f"def {fname}({r.self_arg}{ins}{r.weights_arg}, state=None, return_state=False, lengths=None{extra}):")
     for line in r.checks(program, step=False):
         emit("    " + line)
@@ -95,9 +97,14 @@ def generate(program: Program, r: Renderer, trace: bool = False) -> str:
     for p in prologue:
         emit("    " + p)
     for c in program.calls:
+        if c.region is not None:
+            emit(f"    # region {c.region.id}: {c.op} + {len(c.region.epilogue)} epilogue op(s)")
         emit("    " + _line(r, c, "S.get({})", step=False))
         if trace:
-            emit(f"    trace[{c.node}] = {_assign(c) if len(c.outs) == 1 else '(' + _assign(c) + ',)'}")
+            value = _assign(c) if len(c.outs) == 1 else "(" + _assign(c) + ",)"
+            emit("    if hook is not None:")
+            emit(f"        {_assign(c)} = hook({c.node}, {value})")
+            emit(f"    trace[{c.node}] = {value}")
     emit(f"    return ({ret}, S_out) if return_state else {ret}")
     emit()
     if trace:

@@ -20,7 +20,14 @@ _PLAN_OPTS = [
     _opt("--backend", default="torch", help="numpy | torch | triton"),
     _opt("--mode", default="auto", help="auto | conv | scan | recurrent"),
     _opt("--training", action="store_true", help="plan for forward+backward instead of inference"),
+    _opt("--device", default="cpu", help="cpu | cuda (the planner's machine model)"),
+    _opt("--dtype", default=None, help="float64 | float32 | bfloat16 | float16 (default: the backend's)"),
 ]
+
+
+def _itemsize(dtype: str) -> int:
+    """Bytes per element of a dtype name (for memory estimates)."""
+    return {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}.get(dtype, 4)
 
 
 def _positive(name, v):
@@ -42,7 +49,8 @@ def _plan(args, instruments=None, pipeline=None, graph=None):
     from .compiler import plan_graph
     return plan_graph(graph if graph is not None else args.file, args.backend, _params(args.param), args.mode,
                       length=_positive("length", args.length), batch=_positive("batch", args.batch),
-                      training=args.training, pipeline=pipeline, instruments=instruments)
+                      training=args.training, pipeline=pipeline, instruments=instruments, device=args.device,
+                      dtype=args.dtype)
 
 
 @command("passes", "list the pass pipeline and dump the IR between passes")
@@ -84,14 +92,17 @@ cmd_passes.options = _PLAN_OPTS + [
 
 @command("explain", "show, per layer, the plans considered, their predicted cost and the winner")
 def cmd_explain(args) -> int:
+    from .backend import get_backend
     from .passes import explain
     from .passes.manager import PlanContext
     from .memory import estimate
     g = _plan(args)
+    be = get_backend(args.backend)
+    dtype = args.dtype or be.default_dtype
     ctx = PlanContext(batch=args.batch, length=args.length, backend=args.backend, training=args.training,
-                      mode=args.mode)
+                      mode=args.mode, device=args.device, dtype=dtype, machine=be.machine(args.device, dtype))
     sys.stdout.write(explain(g, ctx))
-    print(estimate(g, args.batch, args.length, 8 if args.backend == "numpy" else 4))
+    print(estimate(g, args.batch, args.length, _itemsize(dtype)))
     return 0
 
 
@@ -100,12 +111,10 @@ cmd_explain.options = _PLAN_OPTS
 
 @command("emit", "print the generated source for a backend")
 def cmd_emit(args) -> int:
+    from .backend import get_backend
+    from .lower import lower
     g = _plan(args)
-    if args.backend == "numpy":
-        from .backends.numpy.codegen import emit
-    else:
-        from .backends.torch.codegen import emit
-    sys.stdout.write(emit(g))
+    sys.stdout.write(get_backend(args.backend).emit(lower(g)))
     return 0
 
 
@@ -117,35 +126,26 @@ def cmd_run(args) -> int:
     import numpy as np
 
     from .analysis import build_graph
-    from .compiler import check_choice, compile
+    from .backend import get_backend
+    from .compiler import compile
     from .memory import check_fits, estimate
     B, L = _positive("batch", args.batch), _positive("length", args.length)
-    check_choice("backend", args.backend, ("numpy", "torch", "triton"))
+    be = get_backend(args.backend)
     seed = _seed(args.seed)
     if args.max_memory is not None and not args.max_memory > 0:
         raise SeqcError(f"--max-memory must be a positive number of bytes, got {args.max_memory}")
     graph = build_graph(args.file, _params(args.param))
-    check_fits(estimate(graph, B, L, 8 if args.backend == "numpy" else 4), args.max_memory)  # before allocating
+    check_fits(estimate(graph, B, L, _itemsize(be.default_dtype)), args.max_memory)  # before allocating
     model = compile(graph, backend=args.backend, mode=args.mode, seed=seed, length=L, batch=B, training=False)
     if hasattr(model, "eval"):
         model.eval()   # inference: dropout off
     graph = model.graph
     xs = random_inputs(graph, B, L, np.random.default_rng(seed))
-    if args.backend == "numpy":
-        def forward():
-            return as_list(model(*xs, model.weights))
-    else:
-        import torch
-        ts = [torch.as_tensor(x) if x.dtype.kind == "i" else torch.as_tensor(x, dtype=torch.float32) for x in xs]
-
-        def forward():
-            with torch.no_grad():
-                return [y.float().numpy() for y in as_list(model(*ts))]
     t0 = time.perf_counter()
-    ys = forward()
+    ys = be.forward(model, xs)
     first = time.perf_counter() - t0
     t0 = time.perf_counter()
-    forward()
+    be.forward(model, xs)
     second = time.perf_counter() - t0
     print(f"model {graph.name} on {args.backend}: input {' '.join(str(tuple(x.shape)) for x in xs)} -> "
           f"output {' '.join(str(tuple(np.shape(y))) for y in ys)}")
@@ -172,38 +172,41 @@ cmd_run.options = [
 ]
 
 
-@command("difftest", "run two backends on the same weights and inputs and compare every node")
+@command("difftest", "run two backends (or plans) on the same weights and inputs; compare every node, the "
+                     "gradients of inputs and parameters, and stepping against the forward pass")
 def cmd_difftest(args) -> int:
     from .differential import difftest
-    import math
-    if not (math.isfinite(args.tolerance) and args.tolerance > 0):
-        raise SeqcError(f"--tolerance must be a positive finite number, got {args.tolerance}")
     _seed(args.seed)
     backends = tuple(b.strip() for b in args.backends.split(","))
     modes = tuple(m.strip() for m in args.modes.split(",")) if args.modes else ("auto",) * len(backends)
     if len(modes) != len(backends):
         raise SeqcError(f"--modes needs one mode per backend ({len(backends)}), got {len(modes)}")
-    report = difftest(args.file, backends, _params(args.param), seed=args.seed,
+    report = difftest(args.file, backends, _params(args.param), seed=args.seed, dtype=args.dtype,
                       batch=_positive("batch", args.batch), length=_positive("length", args.length),
-                      modes=modes, tolerance=args.tolerance)
+                      modes=modes, tolerance=args.tolerance, grads=not args.no_grads, step=not args.no_step)
     print(report)
     return 0 if report.ok else 1
 
 
 cmd_difftest.options = [
-    _opt("--backends", default="numpy,torch", help="two backends, comma-separated"),
+    _opt("--backends", default="numpy,torch", help="two backends, comma-separated (the same one twice with "
+         "--modes compares two plans)"),
     _opt("--modes", default=None, help="plan modes for the two runs, e.g. conv,scan"),
+    _opt("--dtype", default="float64", help="float64 | float32 | bfloat16 (sets the tolerances)"),
     _opt("--length", "-L", type=int, default=16),
     _opt("--batch", "-B", type=int, default=2),
     _opt("--seed", type=int, default=0),
-    _opt("--tolerance", type=float, default=1e-8),
+    _opt("--tolerance", type=str, default=None, help="relative tolerance on values (default: by dtype)"),
+    _opt("--no-grads", action="store_true", help="skip the gradient comparison"),
+    _opt("--no-step", action="store_true", help="skip stepping against the forward pass"),
 ]
 
 
 @command("bench", "time forward, forward+backward and per-token step of a compiled spec for each plan")
 def cmd_bench(args) -> int:
     from .benchmark import bench
-    if args.backend != "torch":
+    from .backend import get_backend
+    if not get_backend(args.backend).autograd:
         raise SeqcError(f"bench times forward+backward and needs an autograd backend; --backend {args.backend} "
                         f"has none (use --backend torch)")
     rows = bench(args.file, _params(args.param), backend=args.backend, length=_positive("length", args.length),
@@ -215,7 +218,7 @@ def cmd_bench(args) -> int:
 
 
 cmd_bench.options = [
-    _opt("--backend", default="torch", help="numpy | torch"),
+    _opt("--backend", default="torch", help="numpy | torch | triton"),
     _opt("--length", "-L", type=int, default=1024),
     _opt("--batch", "-B", type=int, default=2),
     _opt("--repeat", type=int, default=3),

@@ -1,12 +1,14 @@
-"""`seqc.compile`: spec -> IR -> pass pipeline -> a backend's model."""
+"""`seqc.compile`: spec -> IR -> pass pipeline -> lowered program -> a backend's model."""
 from __future__ import annotations
 
 from .analysis import build_graph
+from .backend import get_backend
 from .errors import SeqcError, did_you_mean
+from .lower import lower
 from .passes import Pipeline, PlanContext, run_pipeline
 
-BACKENDS = ("numpy", "torch", "triton")
 MODES = ("auto", "conv", "scan", "recurrent")
+DEVICES = ("cpu", "cuda")
 
 
 def check_choice(what: str, value, choices) -> str:
@@ -17,35 +19,46 @@ def check_choice(what: str, value, choices) -> str:
 
 
 def plan_graph(spec, backend="torch", params=None, mode="auto", *, length=1024, batch=1, training=False,
-               dtype="float32", pipeline: Pipeline | None = None, instruments=None):
-    """Elaborate and run the pass pipeline; returns the planned IR."""
-    check_choice("backend", backend, BACKENDS)
+               dtype=None, device=None, pipeline: Pipeline | None = None, instruments=None):
+    """Elaborate and run the pass pipeline; returns the planned IR.  The planner's
+    machine model comes from the backend for ``device`` (default cpu) and ``dtype``
+    (default the backend's own)."""
     check_choice("mode", mode, MODES)
-    if backend == "triton":
-        raise SeqcError("the triton backend is not available yet (planned: fused kernels generated from the "
-                        "fusion regions); use backend='torch' or 'numpy'")
+    be = get_backend(backend)
+    device = check_choice("device", device or "cpu", DEVICES)
+    dtype = dtype or be.default_dtype
+    machine = be.machine(device, dtype)
     graph = spec if hasattr(spec, "nodes") and hasattr(spec, "dump") else build_graph(spec, params)
-    ctx = PlanContext(batch=batch, length=length, backend=backend, training=training, dtype=dtype, mode=mode)
+    ctx = PlanContext(batch=batch, length=length, backend=backend, training=training, dtype=dtype, mode=mode,
+                      device=device, machine=machine)
     return run_pipeline(graph, ctx, pipeline, instruments)
 
 
 def compile(spec, backend: str = "torch", params: dict | None = None, mode: str = "auto", *, seed: int = 0,
-            length: int | None = None, batch: int = 1, training: bool = False, pipeline: Pipeline | None = None):
+            length: int | None = None, batch: int = 1, training: bool = False, device: str | None = None,
+            dtype: str | None = None, pipeline: Pipeline | None = None):
     """Compile a .seq spec (path or source) for a backend.
 
     ``mode`` forces one plan on every layer where it is legal ("conv" only
     applies to time-invariant layers).  With ``length=None`` (the default) a layer
     whose best plan depends on the sequence length picks it on every call from
-    the actual shapes; given ``length``/``batch``, the planner fixes the plans for
-    those shapes.  ``training=True`` plans for forward+backward.
+    the actual shapes, through a threshold table the planner computes now; given
+    ``length``/``batch``, the planner fixes the plans for those shapes.
+    ``training=True`` plans for forward+backward.  ``device`` (cpu | cuda) and
+    ``dtype`` (float32 by default on torch; numpy always computes in float64)
+    choose the planner's machine model and where the model lives.
     Weights are the seeded default initialisation.
     """
     graph = plan_graph(spec, backend, params, mode, length=length, batch=batch, training=training,
-                       pipeline=pipeline)
-    from .init import init_weights
+                       pipeline=pipeline, device=device, dtype=dtype)
+    be = get_backend(backend)
+    program = lower(graph)
+    check_supported(be, program)
+    return be.build(program, seed=seed, device=device or "cpu", dtype=dtype)
 
-    if backend == "numpy":
-        from .backends.numpy.codegen import NumpyModel
-        return NumpyModel(graph, seed=seed)
-    from .backends.torch.module import build_module
-    return build_module(graph, init_weights(graph, seed=seed))
+
+def check_supported(be, program) -> None:
+    """Every call must be one the backend can run (SeqcError at the first that is not)."""
+    for c in program.calls:
+        if not be.supports(c):
+            raise SeqcError(f"the {be.name} backend has no implementation of '{c.op}'", c.span)

@@ -1,32 +1,43 @@
-"""Discretization of continuous linear systems: one sympy derivation, lowered by code printers.
+"""Discretization of continuous linear systems: one sympy derivation, lowered to scalar programs.
 
 Owns the map from a continuous system ``x' = A x + B u`` and a step ``dt`` to
 the discrete ``x[k+1] = Abar x[k] + Bbar u[k]`` for the methods ``zoh``,
 ``bilinear``, ``euler``, ``backward_euler`` and ``mamba`` (ZOH for A, Euler
-for B).  Each method is *derived* once with sympy from its definition (the
-variation-of-constants integral for ZOH, the generalised bilinear transform
-for the others), rewritten to a numerically safe form (``phi1(z) = expm1(z)/z``
-instead of ``(exp(z) - 1)/z``), and lowered by sympy's code printers into
-Python source for NumPy or torch, which is ``exec``-ed.  The backends therefore
-run the derived expressions, never hand-written copies.
+for B).  Three stages:
+
+1. *derive* (sympy, compile time only): each method from its definition (the
+   variation-of-constants integral for ZOH, the generalised bilinear transform
+   for the others), rewritten to a numerically safe form (``phi1(z) =
+   expm1(z)/z`` instead of ``(exp(z) - 1)/z``, checked against every branch of
+   the raw form); the CPU kernels' derivatives d(Abar, Bbar/B)/d(A, dt) too.
+2. *lower* to ``seqc.scalar.ScalarProgram``s (``program()`` returns a
+   ``DiscProgram``): complex values split into re/im parts, ``phi1`` / ``phi2``
+   as ``where(|z| < r, taylor, expm1(z)/shifted z)``, common subexpressions
+   bound once.  The ``discretize`` pass stores it in ``node.meta["disc"]``.
+3. *print and compile* (no sympy): ``DiscProgram.compile("numpy"|"torch")``
+   executes the printed source once; the numba kernels paste the ``numba``
+   printing into their template; other backends register their own printer.
 
 * ``structure="diag"``: A is a vector of eigenvalues; the expressions are
   elementwise and broadcast over A, B, dt (real or complex).
 * ``structure="dense"``: the same scalar derivation read as matrix functions of
   ``M = dt*A``: ``Abar = f(M)``, ``Bbar = g(M) dt B``; rational ``f, g`` become
   linear solves, ``exp`` the matrix exponential and ``phi1`` the top-right
-  block of ``exp([[M, dt B], [0, 0]])``.
+  block of ``exp([[M, dt B], [0, 0]])`` (printed with sympy's printers when the
+  program is built).
 
-Public: ``discretizer``, ``derivation``, ``raw_derivation``, ``describe``,
-``source``, ``override``, ``discretize`` (the numeric NumPy entry point:
-``discretize(A, B, dt, method)`` -> ``(Abar, Bbar)``, same conventions as
-``scipy.signal.cont2discrete``).
+Public: ``program``, ``discretizer``, ``derivation``, ``raw_derivation``,
+``describe``, ``source``, ``override``, ``discretize`` (the numeric NumPy entry
+point, same conventions as ``scipy.signal.cont2discrete``).
 """
 from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import numbers
+import threading
+from dataclasses import dataclass
 
 import numpy as np
 import sympy as sp
@@ -34,6 +45,7 @@ from sympy.codegen.cfunctions import expm1
 from sympy.printing.numpy import NumPyPrinter
 
 from .errors import SeqcError, did_you_mean
+from .scalar import ScalarProgram
 
 METHODS = ("zoh", "bilinear", "euler", "backward_euler", "mamba")
 STRUCTURES = ("diag", "dense")
@@ -68,7 +80,22 @@ class phi1(sp.Function):
 
     def fdiff(self, argindex=1):
         z = self.args[0]
-        return (sp.exp(z) - phi1(z)) / z
+        return phi1(z) - phi2(z)     # = (exp(z) - phi1(z))/z, without the division
+
+
+class phi2(sp.Function):
+    """phi2(z) = (phi1(z) - 1)/z = (exp(z) - 1 - z)/z**2, phi2(0) = 1/2 (derivatives of phi1)."""
+
+    nargs = 1
+
+    @classmethod
+    def eval(cls, z):
+        if z.is_zero:
+            return sp.S.Half
+        return None
+
+    def _eval_rewrite_as_exp(self, z, **kwargs):
+        return (sp.exp(z) - 1 - z) / z**2
 
 
 # --------------------------------------------------------------------------
@@ -186,7 +213,7 @@ def override(structure: str, method: str, Abar_expr, Bbar_expr):
     key = (_check("structure", structure, STRUCTURES), _method(method))
     previous = _OVERRIDES.get(key)
     _OVERRIDES[key] = (sp.sympify(Abar_expr), sp.sympify(Bbar_expr))
-    _generated.cache_clear()
+    _program.cache_clear()
     try:
         yield
     finally:
@@ -194,47 +221,235 @@ def override(structure: str, method: str, Abar_expr, Bbar_expr):
             _OVERRIDES.pop(key, None)
         else:
             _OVERRIDES[key] = previous
-        _generated.cache_clear()
+        _program.cache_clear()
 
 
 # --------------------------------------------------------------------------
-# lowering: printers
+# lowering: sympy -> scalar programs (complex split into re/im, safe phi1)
 # --------------------------------------------------------------------------
 
-def _phi1_safe(w):
-    """phi1 as printable elementwise code: Taylor near 0, expm1(w)/w elsewhere.
+# Below this |z| phi2 uses its Taylor series (7 terms: error |z|^7/9! < 3e-20 there; outside,
+# expm1(z) - z loses at most 2/|z| ulps = 200 ulps of phi2 ~ 2e-14 relative).
+PHI2_TAYLOR_RADIUS = sp.Float(1e-2)
 
-    The denominator is shifted by 1 inside the Taylor disc so the unused branch
-    stays finite (no 0/0, no NaN gradients through torch.where).
-    """
-    small = sp.Abs(w, evaluate=False) < PHI1_TAYLOR_RADIUS   # not dt*|A|: dt may be negative (raw delta)
-    taylor = 1 + w / 2 + w**2 / 6 + w**3 / 24
-    shifted = w + sp.Piecewise((1, small), (0, True))
-    return sp.Piecewise((taylor, small), (expm1(w) / shifted, True))
+_RE = {name: sp.Symbol(name, real=True) for name in ("A_re", "A_im", "B_re", "B_im", "dt", "Abar")}
 
+
+def _cmul(p, q):
+    (a, b), (c, d) = p, q
+    return (a * c - b * d, a * d + b * c)
+
+
+def _cinv(p):
+    a, b = p
+    if b == 0:
+        return (1 / a, sp.S.Zero)
+    n = a * a + b * b
+    return (a / n, -b / n)
+
+
+def _cpow(p, k: int):
+    out = (sp.S.One, sp.S.Zero)
+    for _ in range(abs(k)):
+        out = _cmul(out, p)
+    return _cinv(out) if k < 0 else out
+
+
+class where(sp.Function):
+    """where(cond, a, b), kept unevaluated so sympy cannot move a division inside it
+    (1/where(c, 1, x) must not become where(c, 1, 1/x): that divides by zero)."""
+
+    nargs = 3
+
+
+def _where(cond, a, b):
+    return where(cond, a, b)
+
+
+def _series(w, coeffs):
+    """sum_k coeffs[k] w^k for a complex pair w (Horner)."""
+    out = (sp.S(coeffs[-1]), sp.S.Zero)
+    for c in reversed(coeffs[:-1]):
+        out = _cmul(out, w)
+        out = (out[0] + c, out[1])
+    return out
+
+
+def _phi_safe(w, which):
+    """phi1 / phi2 of the pair w = (x, y): Taylor series behind a where near 0, expm1 elsewhere.
+    In the Taylor disc the far branch divides by a shifted, nonzero denominator, so it stays
+    finite (no 0/0, no NaN gradients through torch.where)."""
+    x, y = w
+    radius = PHI1_TAYLOR_RADIUS if which == 1 else PHI2_TAYLOR_RADIUS
+    terms = 4 if which == 1 else 7
+    coeffs = [sp.S.One / sp.factorial(k + which) for k in range(terms)]
+    small = (sp.Abs(x) < radius) if y == 0 else (x * x + y * y < radius * radius)  # not dt*|A|: dt may be < 0
+    taylor = _series(w, coeffs)
+    if y == 0:
+        num = (expm1(x) if which == 1 else expm1(x) - x, sp.S.Zero)
+    else:
+        if which != 1:
+            raise SeqcError("phi2 of a complex argument is not supported")
+        # expm1(x + iy) without cancellation: expm1(x) cos y - 2 sin(y/2)^2 + i exp(x) sin y
+        num = (expm1(x) * sp.cos(y) - 2 * sp.sin(y / 2) ** 2, sp.exp(x) * sp.sin(y))
+    shifted = (_where(small, sp.S.One, x), _where(small, sp.S.Zero, y) if y != 0 else sp.S.Zero)
+    den = shifted if which == 1 else _cmul(shifted, shifted)
+    far = _cmul(num, _cinv(den))
+    return tuple(_where(small, t, f) if (t != 0 or f != 0) else sp.S.Zero for t, f in zip(taylor, far))
+
+
+def _split(expr, env):
+    """(re, im) of a sympy expression in A, B, dt (and Abar), with env the pairs of the symbols."""
+    if expr in env:
+        return env[expr]
+    if expr.is_Rational:
+        return (expr, sp.S.Zero)
+    if not expr.free_symbols:
+        value = complex(sp.N(expr, 30))
+        return (sp.Float(value.real, 17), sp.Float(value.imag, 17) if value.imag else sp.S.Zero)
+    if isinstance(expr, sp.Add):
+        parts = [_split(a, env) for a in expr.args]
+        return (sp.Add(*(p[0] for p in parts)), sp.Add(*(p[1] for p in parts)))
+    if isinstance(expr, sp.Mul):
+        out = (sp.S.One, sp.S.Zero)
+        for a in expr.args:
+            out = _cmul(out, _split(a, env))
+        return out
+    if isinstance(expr, sp.Pow) and expr.exp.is_Integer:
+        return _cpow(_split(expr.base, env), int(expr.exp))
+    if isinstance(expr, sp.exp):
+        x, y = _split(expr.args[0], env)
+        return (sp.exp(x), sp.S.Zero) if y == 0 else (sp.exp(x) * sp.cos(y), sp.exp(x) * sp.sin(y))
+    if isinstance(expr, (phi1, phi2)):
+        return _phi_safe(_split(expr.args[0], env), 1 if isinstance(expr, phi1) else 2)
+    raise SeqcError(f"cannot lower {expr} to a scalar program (supported: + * integer powers, exp, phi1)")
+
+
+def _to_ir(expr, names):
+    """A (cse'd) real sympy expression -> scalar IR tuple; names maps symbols to ("in"|"tmp", name)."""
+    if expr in names:
+        return names[expr]
+    if not expr.free_symbols:
+        return ("const", float(expr))
+    if isinstance(expr, sp.Add):
+        terms = sorted(expr.args, key=lambda t: t.could_extract_minus_sign())
+        out = _to_ir(terms[0], names)
+        for t in terms[1:]:
+            out = ("sub", out, _to_ir(-t, names)) if t.could_extract_minus_sign() else ("add", out, _to_ir(t, names))
+        return out
+    if isinstance(expr, sp.Mul):
+        coeff, rest = expr.as_coeff_Mul()
+        if coeff == -1:
+            return ("neg", _to_ir(rest, names))
+        num, den = [], []
+        for f in sp.Mul.make_args(expr):
+            if isinstance(f, sp.Pow) and f.exp.is_Integer and f.exp < 0:
+                den.append(f.base ** -f.exp)
+            else:
+                num.append(f)
+        out = _product([_to_ir(f, names) for f in num]) if num else ("const", 1.0)
+        return ("div", out, _product([_to_ir(f, names) for f in den])) if den else out
+    if isinstance(expr, sp.Pow) and expr.exp.is_Integer:
+        if expr.exp < 0:
+            return ("div", ("const", 1.0), _to_ir(expr.base ** -expr.exp, names))
+        return _product([_to_ir(expr.base, names)] * int(expr.exp))
+    unary = {sp.exp: "exp", expm1: "expm1", sp.cos: "cos", sp.sin: "sin", sp.Abs: "abs"}
+    for cls, op in unary.items():
+        if isinstance(expr, cls):
+            return (op, _to_ir(expr.args[0], names))
+    if isinstance(expr, sp.StrictLessThan):
+        return ("lt", _to_ir(expr.lhs, names), _to_ir(expr.rhs, names))
+    if isinstance(expr, where):
+        return ("where",) + tuple(_to_ir(a, names) for a in expr.args)
+    if isinstance(expr, sp.Piecewise):
+        *pieces, (last, cond) = expr.args
+        if cond != sp.true:
+            raise SeqcError(f"cannot lower {expr}: a Piecewise needs an otherwise branch")
+        out = _to_ir(last, names)
+        for value, c in reversed(pieces):
+            out = ("where", _to_ir(c, names), _to_ir(value, names), out)
+        return out
+    raise SeqcError(f"cannot lower {expr} to a scalar program")
+
+
+def _product(factors):
+    out = factors[0]
+    for f in factors[1:]:
+        out = ("mul", out, f)
+    return out
+
+
+def scalar_program(name: str, inputs, outputs) -> ScalarProgram:
+    """CSE real sympy expressions ``outputs`` ({name: expr}) over the real symbols ``inputs``
+    into a ScalarProgram."""
+    inputs = tuple(inputs)
+    names = {_RE[n]: ("in", n) for n in inputs}
+    extra = set().union(*(e.free_symbols for e in outputs.values())) - set(names)
+    if extra:
+        raise SeqcError(f"cannot lower {name}: unexpected symbols {sorted(map(str, extra))}")
+    temps, reduced = sp.cse(list(outputs.values()), symbols=sp.numbered_symbols("t"), optimizations="basic")
+    ir_temps = []
+    for sym, value in temps:
+        ir_temps.append((str(sym), _to_ir(value, names)))
+        names[sym] = ("tmp", str(sym))
+    ir_outputs = tuple((k, _to_ir(e, names)) for k, e in zip(outputs, reduced))
+    return ScalarProgram(name, inputs, tuple(ir_temps), ir_outputs)
+
+
+def _complex_env(complex_: bool):
+    r = _RE
+    return {A: (r["A_re"], r["A_im"] if complex_ else sp.S.Zero),
+            B: (r["B_re"], r["B_im"] if complex_ else sp.S.Zero),
+            dt: (r["dt"], sp.S.Zero)}
+
+
+def _diag_program(method: str, abar, bbar, complex_: bool) -> ScalarProgram:
+    env = _complex_env(complex_)
+    (ar, ai), (br, bi) = _split(abar, env), _split(bbar, env)
+    tag = "complex" if complex_ else "real"
+    if complex_:
+        return scalar_program(f"discretize_diag_{method}_{tag}", ("A_re", "A_im", "B_re", "B_im", "dt"),
+                              {"Abar_re": ar, "Abar_im": ai, "Bbar_re": br, "Bbar_im": bi})
+    return scalar_program(f"discretize_diag_{method}_{tag}", ("A_re", "B_re", "dt"),
+                          {"Abar_re": ar, "Bbar_re": br})
+
+
+def _gain(bbar, method):
+    """Bbar / B, checked to be exactly that (Bbar linear in B, no B-free part)."""
+    gain = sp.diff(bbar, B)
+    if gain.has(B) or sp.simplify(bbar - gain * B) != 0:
+        raise SeqcError(f"the {method} discretization's Bbar = {bbar} is not linear in B; "
+                        f"the fused kernels need Bbar = gain(A, dt) * B")
+    return gain
+
+
+def _kernel_programs(method: str, abar, bbar):
+    """Programs of the CPU kernels (real A): forward (A, dt) -> (Abar, gain) with Bbar = gain*B,
+    and the derivatives (A, dt, Abar) -> d(Abar, gain)/d(A, dt), with exp(A dt) read as Abar."""
+    gain = _gain(bbar, method)
+    env = {A: (_RE["A_re"], sp.S.Zero), dt: (_RE["dt"], sp.S.Zero), B: (sp.S.One, sp.S.Zero)}
+    fwd = scalar_program(f"kernel_{method}", ("A_re", "dt"),
+                         {"Abar": _split(abar, env)[0], "gain": _split(gain, env)[0]})
+    abar_sym = sp.Symbol("Abar_sym")
+    derivs = {}
+    for out, e in (("Abar", abar), ("gain", gain)):
+        for var, vname in ((A, "A"), (dt, "dt")):
+            d = sp.diff(e, var).subs(sp.exp(A * dt), abar_sym)
+            derivs[f"d{out}_d{vname}"] = d
+    genv = {**env, abar_sym: (_RE["Abar"], sp.S.Zero)}
+    grad = scalar_program(f"kernel_{method}_grad", ("A_re", "dt", "Abar"),
+                          {k: _split(v, genv)[0] for k, v in derivs.items()})
+    return fwd, grad
+
+
+# dense: sympy's printers for the polynomial coefficients -------------------------------
 
 @functools.lru_cache(maxsize=None)
 def _torch_printer_class():
-    """sympy's TorchPrinter plus the two functions the derivations need.
-
-    Built on first use: importing sympy.printing.pytorch imports torch.
-    """
+    """sympy's TorchPrinter (built on first use: importing it imports torch)."""
     from sympy.printing.pytorch import TorchPrinter
 
-    class _TorchPrinter(TorchPrinter):
-        def _print_expm1(self, expr):
-            return f"torch.expm1({self._print(expr.args[0])})"
-
-        def _print_Piecewise(self, expr):
-            *pieces, (last, cond) = expr.args
-            if cond != sp.true:
-                raise NotImplementedError("Piecewise without an otherwise branch")
-            code = self._print(last)
-            for value, c in reversed(pieces):
-                code = f"torch.where({self._print(c)}, {self._print(value)}, {code})"
-            return code
-
-    return _TorchPrinter
+    return TorchPrinter
 
 
 _PRINTERS = {"numpy": lambda: NumPyPrinter, "torch": _torch_printer_class}
@@ -242,19 +457,6 @@ _PRINTERS = {"numpy": lambda: NumPyPrinter, "torch": _torch_printer_class}
 
 def _printer(backend):
     return _PRINTERS[backend]()({"fully_qualified_modules": True, "strict": True})
-
-
-def _diag_source(method: str, backend: str) -> str:
-    abar, bbar = derivation("diag", method)
-    lowered = [e.replace(phi1, _phi1_safe) for e in (abar, bbar)]
-    temps, (abar, bbar) = sp.cse(lowered, symbols=sp.numbered_symbols("t"))
-    printer = _printer(backend)
-    lines = [f"def discretize_diag_{method}(A, B, dt):"]
-    if backend == "torch":
-        lines.append("    A, B, dt = _tensors(A, B, dt)")
-    lines += [f"    {name} = {printer.doprint(value)}" for name, value in temps]
-    lines.append(f"    return {printer.doprint(abar)}, {printer.doprint(bbar)}")
-    return "\n".join(lines) + "\n"
 
 
 # dense: matrix functions of M = dt*A -------------------------------------------
@@ -351,12 +553,24 @@ def _finish(Abar, Bbar, M, dtB, expand):
     return expand(Abar, batch + M.shape[-2:]), expand(Bbar, batch + dtB.shape[-2:])
 
 
+def _np_prepare_diag(A, B, dt):
+    """Arrays (a Python dt stays weakly typed), and whether the complex program applies."""
+    A, B = np.asarray(A), np.asarray(B)
+    if not isinstance(dt, numbers.Real):
+        dt = np.asarray(dt)
+        if np.iscomplexobj(dt):
+            raise SeqcError("dt must be real")
+    return A, B, dt, bool(np.iscomplexobj(A) or np.iscomplexobj(B))
+
+
 def _numpy_namespace():
     from .expm import expm
 
     return {"numpy": np, "prepare": _np_prepare, "solve": np.linalg.solve, "expm": expm,
             "phi1_times": _np_phi1_times,
-            "finish": lambda a, b, M, x: _finish(a, b, M, x, np.broadcast_to)}
+            "finish": lambda a, b, M, x: _finish(a, b, M, x, np.broadcast_to),
+            "_prepare": _np_prepare_diag, "_parts": lambda x: (x.real, x.imag),
+            "_join": lambda re, im: re + 1j * im}
 
 
 def _torch_namespace():
@@ -384,6 +598,20 @@ def _torch_namespace():
         eye = torch.eye(A.shape[-1], dtype=dtype, device=A.device)
         return M.to(dtype), dtB.to(dtype), eye
 
+    def prepare_diag(A, B, dt):
+        A, B, dt = tensors(A, B, dt)
+        if dt.is_complex():
+            raise SeqcError("dt must be real")
+        return A, B, dt, A.is_complex() or B.is_complex()
+
+    def parts(x):
+        return (x.real, x.imag) if x.is_complex() else (x, torch.zeros_like(x))
+
+    def join(re, im):
+        re, im = torch.broadcast_tensors(*tensors(re, im))
+        dtype = torch.promote_types(re.dtype, im.dtype)
+        return torch.complex(re.to(dtype), im.to(dtype))
+
     def phi1_times(M, X):
         return _block_phi1(M, X, torch.linalg.matrix_exp, torch.zeros, torch.cat,
                            torch.broadcast_shapes, torch.Tensor.expand)
@@ -394,27 +622,106 @@ def _torch_namespace():
         batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
         return torch.linalg.solve(a.expand(batch + a.shape[-2:]), b.expand(batch + b.shape[-2:]))
 
-    return {"torch": torch, "_tensors": tensors, "prepare": prepare, "solve": solve, "expm": torch.linalg.matrix_exp,
+    return {"torch": torch, "prepare": prepare, "solve": solve, "expm": torch.linalg.matrix_exp,
             "phi1_times": phi1_times,
-            "finish": lambda a, b, M, x: _finish(a, b, M, x, torch.Tensor.expand)}
+            "finish": lambda a, b, M, x: _finish(a, b, M, x, torch.Tensor.expand),
+            "_prepare": prepare_diag, "_parts": parts, "_join": join}
 
 
 _NAMESPACES = {"numpy": _numpy_namespace, "torch": _torch_namespace}
-_SOURCES = {"diag": _diag_source, "dense": _dense_source}
+
+
+# --------------------------------------------------------------------------
+# the discretization program (what the discretize pass attaches to a node)
+# --------------------------------------------------------------------------
+
+_DIAG_ENTRY = """\
+def discretize_diag_{m}(A, B, dt):
+    A, B, dt, is_complex = _prepare(A, B, dt)
+    if not is_complex:
+        return {real}(A, B, dt)
+    (A_re, A_im), (B_re, B_im) = _parts(A), _parts(B)
+    Abar_re, Abar_im, Bbar_re, Bbar_im = {cplx}(A_re, A_im, B_re, B_im, dt)
+    return _join(Abar_re, Abar_im), _join(Bbar_re, Bbar_im)
+"""
+
+
+@dataclass(frozen=True)
+class DiscProgram:
+    """One node's discretization, lowered and free of sympy.
+
+    ``diag``: scalar programs for real and complex (re/im split) ``(A, B, dt)
+    -> (Abar, Bbar)``, plus, where Bbar = gain(A, dt) * B (every built-in
+    method), the CPU kernels' programs: ``kernel`` ``(A, dt) -> (Abar, gain)``
+    and ``kernel_grad`` ``(A, dt, Abar) -> dAbar_dA, dAbar_ddt, dgain_dA,
+    dgain_ddt``.  ``dense``: the matrix-function source per backend.
+    ``source(target)`` prints it; ``compile(target)`` gives the callable
+    ``(A, B, dt) -> (Abar, Bbar)`` for ``numpy`` / ``torch``.
+    """
+
+    structure: str
+    method: str
+    form: str
+    real: ScalarProgram | None = None
+    complex: ScalarProgram | None = None
+    kernel: ScalarProgram | None = None
+    kernel_grad: ScalarProgram | None = None
+    dense_sources: tuple = ()          # ((backend, source), ...)
+
+    @property
+    def digest(self) -> str:
+        if self.structure == "dense":
+            return hashlib.sha256(repr(self.dense_sources).encode()).hexdigest()[:16]
+        return "-".join(p.digest for p in (self.real, self.complex))
+
+    def source(self, target: str) -> str:
+        if self.structure == "dense":
+            return dict(self.dense_sources)[_check("backend", target, BACKENDS)]
+        entry = _DIAG_ENTRY.format(m=self.method, real=self.real.name, cplx=self.complex.name)
+        return self.real.source(target) + "\n" + self.complex.source(target) + "\n" + entry
+
+    def compile(self, target: str):
+        """``(A, B, dt) -> (Abar, Bbar)`` (numpy or torch): the printed source, executed once."""
+        key = (self.digest, self.method, _check("backend", target, BACKENDS))
+        with _COMPILED_LOCK:
+            fn = _COMPILED.get(key)
+        if fn is None:
+            namespace = _NAMESPACES[target]()
+            code = self.source(target)
+            exec(compile(code, f"<seqc discretize {self.structure} {self.method} {target}>", "exec"), namespace)
+            fn = namespace[f"discretize_{self.structure}_{self.method}"]
+            with _COMPILED_LOCK:
+                fn = _COMPILED.setdefault(key, fn)
+        return fn
+
+
+_COMPILED: dict = {}
+_COMPILED_LOCK = threading.Lock()
+
+
+@functools.lru_cache(maxsize=None)
+def _program(structure: str, method: str) -> DiscProgram:
+    abar, bbar = derivation(structure, method)
+    form = describe(structure, method)
+    if structure == "dense":
+        return DiscProgram(structure, method, form,
+                           dense_sources=tuple((b, _dense_source(method, b)) for b in BACKENDS))
+    try:
+        kernel, grad = _kernel_programs(method, abar, bbar)
+    except SeqcError:
+        kernel = grad = None      # an override the fused kernels cannot take: torch/numpy still can
+    return DiscProgram(structure, method, form, _diag_program(method, abar, bbar, False),
+                       _diag_program(method, abar, bbar, True), kernel, grad)
+
+
+def program(structure: str, method: str) -> DiscProgram:
+    """The lowered discretization (what the ``discretize`` pass stores in ``node.meta["disc"]``)."""
+    return _program(_check("structure", structure, STRUCTURES), _method(method))
 
 
 def source(structure: str, method: str, backend: str) -> str:
     """The generated Python source of ``discretizer(structure, method, backend)``."""
-    return _generated(_check("structure", structure, STRUCTURES), _method(method),
-                      _check("backend", backend, BACKENDS))[0]
-
-
-@functools.lru_cache(maxsize=None)
-def _generated(structure: str, method: str, backend: str):
-    code = _SOURCES[structure](method, backend)
-    namespace = _NAMESPACES[backend]()
-    exec(compile(code, f"<seqc discretize {structure} {method} {backend}>", "exec"), namespace)
-    return code, namespace[f"discretize_{structure}_{method}"]
+    return program(structure, method).source(_check("backend", backend, BACKENDS))
 
 
 def discretizer(structure: str, method: str, backend: str):
@@ -425,8 +732,8 @@ def discretizer(structure: str, method: str, backend: str):
     ``B (N, M)``, ``dt`` scalar or ``(H,)`` gives ``Abar (H, N, N)``,
     ``Bbar (H, N, M)`` (no H axis for a scalar dt).
     """
-    return _generated(_check("structure", structure, STRUCTURES), _method(method),
-                      _check("backend", backend, BACKENDS))[1]
+    prog = program(structure, method)
+    return prog.compile(_check("backend", backend, BACKENDS))
 
 
 # --------------------------------------------------------------------------

@@ -227,7 +227,7 @@ def test_override_changes_generated_code():
     a, b = np.array([-1.0, -2.0]), np.array([1.0, 3.0])
     before = discretize(a, b, 0.1, "euler")
     with disc.override("diag", "euler", 1 + 2 * dt * A, 3 * dt * B):
-        assert "3*B*dt" in disc.source("diag", "euler", "numpy")
+        assert "3.0*B_re*dt" in disc.source("diag", "euler", "numpy")
         abar, bbar = discretize(a, b, 0.1, "euler")
         np.testing.assert_allclose(abar, 1 + 0.2 * a, rtol=1e-15)
         np.testing.assert_allclose(bbar, 0.3 * b, rtol=1e-15)

@@ -109,20 +109,56 @@ def test_discretize_annotates_and_backends_execute_the_derivation(rng):
     g = run_pipeline(seqc.build_graph(example("s4d.seq"), {"d_model": 4, "d_state": 4}), PlanContext())
     node = next(n for n in g.order() if n.op == "ssm")
     assert node.meta["disc_form"] == discretization.describe("diag", "zoh")
-    ref = seqc.compile(example("s4d.seq"), backend="numpy", params={"d_model": 4, "d_state": 4})
+    assert node.meta["disc"] is discretization.program("diag", "zoh")
+    params = {"d_model": 4, "d_state": 4}
+    ref = seqc.compile(example("s4d.seq"), backend="numpy", params=params)
     x = rng.standard_normal((1, 9, 4))
     before = ref(x, ref.weights)
-    tm = seqc.compile(example("s4d.seq"), backend="torch", params={"d_model": 4, "d_state": 4}, mode="conv")
-    tm = tm.double().load_numpy(ref.weights)
     A, Bs, dt = discretization.A, discretization.B, discretization.dt
-    # change the derivation (Bbar doubled): both backends' outputs must change accordingly
+    # change the derivation (Bbar doubled): both backends' outputs must change accordingly;
+    # a torch model takes the program it was compiled with
     with discretization.override("diag", "zoh", sympy.exp(A * dt), 2 * Bs * (sympy.exp(A * dt) - 1) / A):
-        after = ref(x, ref.weights)
-        after_t = tm(torch.as_tensor(x))
+        # a compiled model keeps the program it was compiled with: recompile under the override
+        assert np.array_equal(ref(x, ref.weights), before)
+        after = seqc.compile(example("s4d.seq"), backend="numpy", params=params)(x, ref.weights)
+        tm = seqc.compile(example("s4d.seq"), backend="torch", params=params, mode="conv")
+        after_t = tm.double().load_numpy(ref.weights)(torch.as_tensor(x))
     D = ref.weights["ssm.D"]
     assert np.abs(after - before).max() > 1e-3
     assert_agree(after - D * x, 2 * (before - D * x), 1e-9, "numpy follows the derivation")
     assert_agree(after, after_t, 1e-9, "torch follows the derivation")
+    tm_after = seqc.compile(example("s4d.seq"), backend="torch", params=params, mode="conv")
+    assert_agree(tm_after.double().load_numpy(ref.weights)(torch.as_tensor(x)), before, 1e-9, "override undone")
+
+
+@pytest.mark.parametrize("engine", ["numba", "torch"])
+def test_selective_scan_kernels_follow_an_overridden_derivation(rng, engine, monkeypatch):
+    """Override mamba's derivation (Euler for A too, Bbar tripled): the NumPy oracle, the
+    torch engine and the generated numba kernels, forward and backward, all follow it."""
+    monkeypatch.setenv("SEQC_NO_NUMBA", "0" if engine == "numba" else "1")
+    params = {"n_layers": 1, "d_model": 16, "d_state": 4}
+    ref = seqc.compile(example("mamba.seq"), backend="numpy", params=params)
+    x = rng.standard_normal((2, 13, 16))
+    before = ref(x, ref.weights)
+    A, Bs, dt = discretization.A, discretization.B, discretization.dt
+    with discretization.override("diag", "mamba", 1 + A * dt, 3 * dt * Bs):
+        after = seqc.compile(example("mamba.seq"), backend="numpy", params=params)(x, ref.weights)
+        tm = seqc.compile(example("mamba.seq"), backend="torch", params=params).double().load_numpy(ref.weights)
+        program = tm.get_submodule("layers.0.mixer").disc_program
+    assert program.digest != discretization.program("diag", "mamba").digest   # built with the override
+    from seqc.backends.torch import scan
+    picked = scan._pick_engine(torch.zeros(1, 2, 32, dtype=torch.float64), program, None)
+    assert isinstance(picked, scan._NumbaEngine if engine == "numba" else scan._TorchEngine)
+    assert np.abs(after - before).max() > 1e-5      # the mixer's share of the residual output changed
+    xt = torch.tensor(x, dtype=torch.float64, requires_grad=True)
+    y = tm(xt)
+    assert_agree(y.detach().numpy(), after, 1e-10, f"{engine} follows the overridden derivation")
+    # backward through the overridden program: against autograd of the torch engine on the same model
+    (g,) = torch.autograd.grad(y.square().sum(), xt)
+    monkeypatch.setenv("SEQC_NO_NUMBA", "1")
+    xr = xt.detach().requires_grad_()
+    (g_ref,) = torch.autograd.grad(tm(xr).square().sum(), xr)
+    assert_agree(g.numpy(), g_ref.numpy(), 1e-10, "gradients follow it too")
 
 
 def test_planned_mamba_ir_matches_by_pattern():

@@ -1,5 +1,9 @@
-"""NumPy backend: spell the lowered program as plain NumPy calls into
-``backends.numpy.ops`` (the reference semantics), and wrap it as a callable."""
+"""NumPy backend: spell the lowered program as plain NumPy calls into each op's
+oracle (the reference semantics), and wrap it as a callable.
+
+Each call passes the plan the planner chose (``plan=``) so that the oracle runs
+that plan's implementation, and an SSM call whose node carries a compiled
+discretization program passes it (``discretize=``)."""
 from __future__ import annotations
 
 import numpy as np
@@ -36,7 +40,8 @@ class NumpyRenderer(Renderer):
         kw = kwargs(c.attrs)
         fn = f"ops.{c.op}_step" if (c.stateful and step) else f"ops.{c.op}"
         state = f", state={state_in}" if c.stateful else ""
-        return f"{fn}({', '.join(c.args)}{self._p(c)}{state}{', ' + kw if kw else ''})"
+        disc = f", discretize=DISC[{c.node}]" if c.disc is not None else ""
+        return f"{fn}({', '.join(c.args)}{self._p(c)}{state}{disc}{', ' + kw if kw else ''})"
 
     def init_state(self, c: Call) -> str:
         kw = kwargs(c.attrs)
@@ -49,8 +54,14 @@ def _key(prefix: str, k: str) -> str:
     return f"{prefix}.{k}" if prefix else k
 
 
-def emit(graph, trace: bool = False) -> str:
-    program = lower(graph)
+def as_program(x) -> Program:
+    """A lowered program (a planned graph is lowered here)."""
+    return x if isinstance(x, Program) else lower(x)
+
+
+def emit(program, trace: bool = False) -> str:
+    program = as_program(program)
+    graph = program.graph
     names = {c.node: list(graph.nodes[c.node].weight_shapes()) for c in program.calls if c.has_weights}
     tied = {c.node: graph.nodes[c.node].tied() for c in program.calls if c.has_weights}
     renderer = NumpyRenderer(names, tied)
@@ -59,23 +70,40 @@ def emit(graph, trace: bool = False) -> str:
     return generate(program, renderer, trace=trace)
 
 
+class Oracles:
+    """``ops.<op>`` (``_step``, ``_init_state``) in generated code: each op's oracle
+    through the ``backends.numpy.ops`` view, resolved once per model."""
+
+    def __getattr__(self, name):
+        from . import ops
+        fn = getattr(ops, name)
+        setattr(self, name, fn)
+        return fn
+
+
+def _namespace(program: Program) -> dict:
+    disc = {c.node: c.disc.compile("numpy") for c in program.calls if c.disc is not None}
+    return {"ops": Oracles(), "np": np, "DISC": disc}
+
+
 class NumpyModel:
     """`f(x, weights)`: the compiled reference model (the NumPy backend).
 
     ``weights`` is a dict of arrays keyed like the torch model's state_dict;
-    ``model.weights`` holds the seeded default initialisation.
+    ``model.weights`` holds the seeded default initialisation.  Built from a
+    lowered ``Program`` (or a planned graph, lowered here).
     """
 
-    def __init__(self, graph, seed: int = 0):
+    def __init__(self, program, seed: int = 0, weights: dict | None = None):
         from seqc.init import init_weights
 
-        from . import ops
-
-        self.graph = graph
-        self.source = emit(graph)
-        ns = compile_source(self.source, graph.name, {"ops": ops, "np": np})
+        self.program = program = as_program(program)
+        self.graph = graph = program.graph
+        self.source = emit(program)
+        ns = compile_source(self.source, graph.name, _namespace(program))
         self._forward, self._init_state, self._step = ns["forward"], ns["init_state"], ns["step"]
-        self.weights = init_weights(graph, seed=seed)
+        self._traced = None
+        self.weights = init_weights(graph, seed=seed) if weights is None else dict(weights)
         self.weight_shapes = graph.weight_shapes()
 
     def _check(self, weights):
@@ -132,13 +160,16 @@ class NumpyModel:
             return out
         return out, {k: _stack_states([s[k] for s in states]) for k in states[0]}
 
-    def trace(self, *xs, weights=None) -> tuple:
-        """(output, {node_id: value}) - every intermediate result, for difftest."""
-        from . import ops
-        ns = compile_source(emit(self.graph, trace=True), self.graph.name + "-traced", {"ops": ops, "np": np})
+    def trace(self, *xs, weights=None, hook=None) -> tuple:
+        """(output, {node_id: value}) - every intermediate result, for difftest;
+        ``hook(node_id, value)`` may replace a result as it is computed."""
+        if self._traced is None:
+            ns = compile_source(emit(self.program, trace=True), self.graph.name + "-traced",
+                                _namespace(self.program))
+            self._traced = ns["forward_traced"]
         xs = self._inputs(xs)
         values = {}
-        out = ns["forward_traced"](*xs, self._check(weights), trace=values)
+        out = self._traced(*xs, self._check(weights), trace=values, hook=hook)
         return out, values
 
     def init_state(self, batch: int, weights=None):

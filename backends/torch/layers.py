@@ -46,28 +46,49 @@ from .ops.norms import LayerNorm, RMSNorm
 
 
 class SelectiveSSM(Recurrent):
-    """Mamba's selective scan (``scan.selective_scan``); plan "recurrent" loops over `step`."""
+    """Mamba's selective scan (``scan.selective_scan``); plan "recurrent" loops over `step`.
+
+    The discretization is the compiled program of the ``discretize`` pass, handed
+    over at build time by ``configure(call)``; a layer built by hand derives it
+    from ``attrs["disc"]`` on first use."""
 
     op = "selective_ssm"
 
     def __init__(self, in_features, attrs):
         super().__init__(in_features, attrs)
         self.plan = self.attrs["plan"]
+        self.region = None
+        self.disc_program = None     # DiscProgram (configure); None: derived from attrs["disc"]
+        self.discretize_fn = None
+
+    def configure(self, call):
+        """Take the lowered call's discretization program and fusion region."""
+        base = getattr(super(), "configure", None)
+        if base is not None:
+            base(call)
+        self.region = getattr(call, "region", None)
+        self.set_discretization(getattr(call, "disc", None))
+
+    def set_discretization(self, program):
+        self.disc_program = program
+        self.discretize_fn = None if program is None else program.compile("torch")
 
     def state_dtype(self, dtype):
         return accumulator_dtype(dtype)
 
-    def _scan_args(self, work):
-        return dict(A=-torch.exp(self.A_log.to(work)), D=self.D.to(work),
-                    delta_bias=self.delta_bias.to(work) if self.attrs["delta_bias"] else None,
-                    delta_softplus=self.attrs["delta_softplus"], disc=self.attrs["disc"])
+    def _scan_args(self, work, gate=False):
+        flags = scan.kernel_flags(self.attrs, self.region, gate)
+        return dict(A=-torch.exp(self.A_log.to(work)), D=self.D.to(work) if flags["d_skip"] else None,
+                    delta_bias=self.delta_bias.to(work) if flags["delta_bias"] else None,
+                    delta_softplus=flags["delta_softplus"],
+                    disc=self.disc_program if self.disc_program is not None else flags["disc"])
 
     def forward(self, u, delta, B, C, z=None, state=None, return_state=False, lengths=None):
         lengths = check_lengths(lengths, u)
         work, out_dtype = work_dtype(u, self.D), u.dtype
         with no_autocast(u):
             u, delta, B, C, z = (None if t is None else t.to(work) for t in (u, delta, B, C, z))
-            args = self._scan_args(work)
+            args = self._scan_args(work, z is not None)
             if lengths is not None:
                 delta = self._mask_delta(delta, lengths, args)
             x0 = None if state is None else state["x"].to(work)
@@ -89,11 +110,11 @@ class SelectiveSSM(Recurrent):
         keep = torch.arange(delta.shape[1], device=delta.device)[None, :] < lengths[:, None]
         return torch.where(keep[..., None], delta, torch.zeros((), dtype=delta.dtype, device=delta.device))
 
-    @staticmethod
-    def _loop(u, delta, B, C, z, x, args):
+    def _loop(self, u, delta, B, C, z, x, args):
         ys, zs = [], [None] * u.shape[1] if z is None else z.unbind(1)
         for u_t, delta_t, B_t, C_t, z_t in zip(u.unbind(1), delta.unbind(1), B.unbind(1), C.unbind(1), zs):
-            y, x = scan.selective_scan_step(u_t, delta_t, B_t=B_t, C_t=C_t, z_t=z_t, state=x, **args)
+            y, x = scan.selective_scan_step(u_t, delta_t, B_t=B_t, C_t=C_t, z_t=z_t, state=x,
+                                            discretize_fn=self.discretize_fn, **args)
             ys.append(y)
         if x is None:
             x = u.new_zeros(u.shape[0], u.shape[2], args["A"].shape[-1])
@@ -104,7 +125,8 @@ class SelectiveSSM(Recurrent):
         with no_autocast(u_t):
             u, delta, B, C, z = (None if t is None else t.to(work) for t in (u_t, delta_t, B_t, C_t, z_t))
             x = None if state is None else state["x"].to(work)
-            y, x = scan.selective_scan_step(u, delta, B_t=B, C_t=C, z_t=z, state=x, **self._scan_args(work))
+            y, x = scan.selective_scan_step(u, delta, B_t=B, C_t=C, z_t=z, state=x, discretize_fn=self.discretize_fn,
+                                            **self._scan_args(work, z is not None))
         return y.to(output_dtype(u_t.dtype, work)), {"x": x}
 
 

@@ -89,10 +89,11 @@ def _complex(pairs):
     return torch.complex(pairs[..., 0], pairs[..., 1])
 
 
+# Each system builder takes the parameters and the compiled discretization (A, B, dt) -> (Abar, Bbar).
 def _diag_system(p, disc):
     """S4D: H channels of N/2 complex modes, Bbar = disc(B = 1), C absorbs B."""
     A = torch.complex(-torch.exp(p["log_A_real"]), p["A_imag"])
-    dA, dB = discretized("diag", disc)(A, torch.ones_like(A), torch.exp(p["log_dt"])[:, None])
+    dA, dB = disc(A, torch.ones_like(A), torch.exp(p["log_dt"])[:, None])
     return LinearSystem(dA, "diag", dB, _complex(p["C"]), complex=True)
 
 
@@ -100,14 +101,14 @@ def _dense_system(p, disc):
     """One dense A (N, N) for all channels, per-channel B_h, C_h, dt_h (Bbar_h = Bbar(I) B_h)."""
     n = p["A"].shape[0]
     eye = torch.eye(n, dtype=p["A"].dtype, device=p["A"].device)
-    Abar, gain = discretized("dense", disc)(p["A"], eye, torch.exp(p["log_dt"]))
+    Abar, gain = disc(p["A"], eye, torch.exp(p["log_dt"]))
     return LinearSystem(Abar, "matrix", torch.einsum("hnm,hm->hn", gain, p["B"]), p["C"])
 
 
 def _s5_system(p, disc):
     """MIMO S5: one state of N/2 complex modes shared by the H channels."""
     lam = torch.complex(p["Lambda_re"], p["Lambda_im"])
-    Lbar, gain = discretized("diag", disc)(lam, torch.ones_like(lam), torch.exp(p["log_step"]))
+    Lbar, gain = disc(lam, torch.ones_like(lam), torch.exp(p["log_step"]))
     return LinearSystem(Lbar, "diag", gain[:, None] * _complex(p["B"]), _complex(p["C"]), mimo=True, complex=True)
 
 
@@ -248,6 +249,28 @@ class SSM(Recurrent):
         self.plan = self.attrs["plan"] if self.attrs["plan"] in ("conv", "recurrent") else "scan"
         self.plan_for = None      # set when the plan is chosen per call ("auto")
         self.last_plan = None
+        self.region = None
+        self.disc_program = None  # DiscProgram (configure); None: derived from attrs["disc"]
+        self.discretize_fn = None
+
+    def configure(self, call):
+        """Take the lowered call's discretization program and fusion region."""
+        base = getattr(super(), "configure", None)
+        if base is not None:
+            base(call)
+        self.region = getattr(call, "region", None)
+        self.set_discretization(getattr(call, "disc", None))
+
+    def set_discretization(self, program):
+        self.disc_program = program
+        self.discretize_fn = None if program is None else program.compile("torch")
+
+    def _discretization(self):
+        if self.discretize_fn is not None:
+            return self.discretize_fn
+        if self.attrs["kind"] == "shift":
+            return None
+        return discretized("dense" if self.attrs["kind"] == "dense" else "diag", self.attrs["disc"])
 
     def state_dtype(self, dtype):
         return accumulator_dtype(dtype)
@@ -255,7 +278,7 @@ class SSM(Recurrent):
     def system(self, dtype) -> LinearSystem:
         """The discretized system with parameters in `dtype`."""
         p = {name: t.to(dtype) for name, t in self.named_parameters(recurse=False)}
-        return SYSTEMS[self.attrs["kind"]](p, self.attrs["disc"])
+        return SYSTEMS[self.attrs["kind"]](p, self._discretization())
 
     def kernel(self, length: int):
         """The convolution kernel of `length` taps: (H, L), or (H, H, L) for s5."""

@@ -1,6 +1,11 @@
-"""The compiled PyTorch model: the module tree built from the IR's hierarchical
-names (so ``get_submodule`` and ``state_dict`` keys follow the spec), the base
-class the generated code subclasses, and weight loading."""
+"""The compiled PyTorch model: the module tree built from the lowered program's
+layers (their hierarchical names, so ``get_submodule`` and ``state_dict`` keys
+follow the spec), the base class the generated code subclasses, and weight
+loading.  The module tree and the generated code come from the one
+``Program``: the code's ``M[i]`` is the i-th of ``program.layers()``.
+
+Nothing here imports the compiler's passes: a layer whose plan is chosen per
+call reads it from the threshold table the planner left on its call."""
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -14,7 +19,7 @@ from seqc.errors import SeqcError
 from seqc.inputs import check_inputs, declared_inputs
 
 from . import functional
-from .codegen import class_name, emit, layer_names
+from .codegen import as_program, class_name, emit
 from .layers import LAYERS
 
 
@@ -44,14 +49,17 @@ def run(layer, *args, state, return_state, lengths):
 class SeqcModule(nn.Module):
     """Base of every generated model: builds layers, holds the IR and the source."""
 
-    def __init__(self, graph, source: str):
+    def __init__(self, program, source: str):
         super().__init__()
-        object.__setattr__(self, "graph", graph)
+        object.__setattr__(self, "program", program)
+        object.__setattr__(self, "graph", program.graph)
         object.__setattr__(self, "source", source)
-        _build_tree(self, graph)
+        object.__setattr__(self, "_traced", None)
+        layers = program.layers()
+        _build_tree(self, layers)
         # the layers in program order, for the generated code (not registered twice)
-        object.__setattr__(self, "_layer_paths", tuple(tuple(n.split(".")) for n in layer_names(graph)))
-        object.__setattr__(self, "_inputs", declared_inputs(graph))
+        object.__setattr__(self, "_layer_paths", tuple(tuple(c.name.split(".")) for c in layers))
+        object.__setattr__(self, "_inputs", declared_inputs(program.graph))
 
     @property
     def layer_modules(self) -> tuple:
@@ -75,11 +83,14 @@ class SeqcModule(nn.Module):
             return {"dtype": torch.get_default_dtype(), "device": None}
         return {"dtype": p.dtype if p.is_floating_point() else torch.get_default_dtype(), "device": p.device}
 
-    def trace(self, *xs) -> tuple:
-        """(output, {node_id: value}) - every intermediate result, for difftest."""
-        ns = compile_source(emit(self.graph, trace=True), self.graph.name + "-traced", _namespace())
+    def trace(self, *xs, hook=None) -> tuple:
+        """(output, {node_id: value}) - every intermediate result, for difftest;
+        ``hook(node_id, value)`` may replace a result as it is computed."""
+        if self._traced is None:
+            ns = compile_source(emit(self.program, trace=True), self.program.model + "-traced", _namespace())
+            object.__setattr__(self, "_traced", ns[class_name(self.program)].forward_traced)
         values = {}
-        out = ns[class_name(self.graph)].forward_traced(self, *xs, trace=values)
+        out = self._traced(self, *xs, trace=values, hook=hook)
         return out, values
 
     def load_numpy(self, weights: dict) -> "SeqcModule":
@@ -98,35 +109,35 @@ class SeqcModule(nn.Module):
         return self
 
 
-def _shape_planner(node, graph):
-    """plan_for(batch, length, training) -> the cost model's plan for those shapes."""
-    from seqc.passes.manager import PlanContext
-    from seqc.passes.planner import plan_for_shapes
-    ctx = PlanContext(length=None, backend="torch")
-    cache = {}
+def _table_planner(table):
+    """plan_for(batch, length, training) -> the plan the compile-time threshold table gives."""
 
-    @torch.compiler.disable       # plain Python arithmetic; torch.compile guards on the shapes instead
+    @torch.compiler.disable       # plain Python look-ups; torch.compile guards on the shapes instead
     def plan_for(batch, length, training):
-        key = (batch, length, training)
-        if key not in cache:
-            cache[key] = plan_for_shapes(node, ctx, batch, length, training)
-        return cache[key]
+        return table.choose(batch, length, training)
     return plan_for
 
 
-def _build_tree(root: nn.Module, graph) -> None:
-    layers = {}
-    for n in graph.layers():
-        in_features = [int(s[-1]) if len(s) and getattr(s[-1], "is_number", True) else 1 for s in n.input_shapes]
-        cls = LAYERS[n.op]
-        mod = cls(in_features, dict(n.attrs))
-        plan = n.meta.get("plan")
-        if plan is not None:
-            mod.plan = plan
-        if plan == "auto":
-            mod.plan_for = _shape_planner(n, graph)
-        mod.out_features = int(n.shape[-1])
-        layers[n.name] = mod
+def make_layer(call) -> nn.Module:
+    """The layer module of one lowered call, configured from it (plan, threshold table,
+    fusion region, discretization program)."""
+    in_features = [int(s[-1]) if len(s) and getattr(s[-1], "is_number", True) else 1 for s in call.input_shapes]
+    mod = LAYERS[call.op](in_features, dict(call.attrs))
+    if call.plan is not None:
+        mod.plan = call.plan
+    if call.plan == "auto" and call.plan_table is not None:
+        mod.plan_for = _table_planner(call.plan_table)
+    configure = getattr(mod, "configure", None)
+    if configure is not None:
+        configure(call)
+    elif call.region is not None:
+        mod.region = call.region
+    mod.out_features = int(call.shapes[0][-1])
+    return mod
+
+
+def _build_tree(root: nn.Module, calls) -> None:
+    layers = {c.name: make_layer(c) for c in calls}
     paths = set()
     for name in layers:
         parts = name.split(".")
@@ -138,21 +149,22 @@ def _build_tree(root: nn.Module, graph) -> None:
         mod = layers.get(path) or Container()
         made[parent].add_module(leaf, mod)
         made[path] = mod
-    for n in graph.layers():                 # tie = other: share other's Parameter (one state_dict key)
-        for own, key in n.tied().items():
-            owner, _, leaf = key.rpartition(".")
-            layers[n.name].tie(own, layers[owner], leaf)
+    for c in calls:                          # tie = other: share other's Parameter (one state_dict key)
+        if c.attrs.get("tie"):
+            layers[c.name].tie("weight", layers[c.attrs["tie"]], "weight")
 
 
 def _namespace() -> dict:
     return {"SeqcModule": SeqcModule, "run": run, "fn": SimpleNamespace(**functional.FUNCTIONS)}
 
 
-def build_module(graph, weights: dict | None = None) -> SeqcModule:
-    source = emit(graph)
-    ns = compile_source(source, graph.name, _namespace())
-    cls = ns[class_name(graph)]
-    model = cls(graph, source)
+def build_module(program, weights: dict | None = None) -> SeqcModule:
+    """The model of a lowered program (or of a planned graph, lowered here)."""
+    program = as_program(program)
+    source = emit(program)
+    ns = compile_source(source, program.model, _namespace())
+    cls = ns[class_name(program)]
+    model = cls(program, source)
     if weights is not None:
         model.load_numpy(weights)
     return model

@@ -1,6 +1,7 @@
-"""Attach each state-space node's discretization: the structure (diagonal or
-dense) and method, and the sympy-derived forms that backends lower through
-code printers (``seqc.discretization``)."""
+"""Attach each state-space node's discretization: ``meta["disc"]`` is the
+lowered, sympy-free program (``seqc.discretization.DiscProgram``: scalar
+programs that every backend prints and compiles once, at build time) and
+``meta["disc_form"]`` its one-line form for IR dumps."""
 from __future__ import annotations
 
 from .. import discretization
@@ -16,10 +17,12 @@ def structure_and_method(node):
 
 @compiler_pass("discretize")
 def discretize(g, ctx):
-    """Derive Abar, Bbar symbolically for every continuous-time node (ssm, selective_ssm)."""
+    """Derive Abar, Bbar symbolically for every ssm / selective_ssm node and lower them."""
     for n in g.order():
         sm = structure_and_method(n)
         if sm is None:
             continue
-        n.meta["disc_form"] = discretization.describe(*sm)
+        program = discretization.program(*sm)
+        n.meta["disc"] = program
+        n.meta["disc_form"] = program.form
     return g

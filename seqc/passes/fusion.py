@@ -6,6 +6,7 @@ functions."""
 from __future__ import annotations
 
 from ..ir import Ref
+from ..lower import Region
 from .manager import compiler_pass
 
 
@@ -90,6 +91,28 @@ def epilogue(n) -> list[str]:
     return list(t.fused(n)) if t is not None and t.fused is not None else []
 
 
+def region_flags(n) -> dict:
+    """The kernel specialisation constants of an anchor, read from its traits and attributes:
+    a discretized scan's kind / delta handling / method and D skip, the gate of an op that
+    accepts one (present when its optional ``z`` input is), a convolution's bias and activation.
+    An op may supply its own with a ``region_flags(node)`` trait."""
+    t, a = _traits(n), n.attrs
+    own = getattr(t, "region_flags", None)
+    if callable(own):
+        return dict(own(n))
+    flags = {}
+    if t.discretization is not None:
+        flags.update({k: a[k] for k in ("kind",) if k in a})
+        flags.update({k: bool(a[k]) for k in ("delta_bias", "delta_softplus") if k in a})
+        flags.update(disc=a["disc"], d_skip=True)
+    if t.accepts_gate:
+        required = len(n.spec.inputs) - len(n.spec.optional_inputs)
+        flags["gate"] = "silu" if len(n.inputs) > required else None
+    if t.accepts_activation:
+        flags.update(bias=bool(a.get("bias", False)), activation=a["activation"])
+    return flags
+
+
 @compiler_pass("mark-fusion-regions")
 def mark_fusion_regions(g, ctx):
     """Record one fusion region per anchor: the anchor plus single-use elementwise consumers."""
@@ -97,15 +120,21 @@ def mark_fusion_regions(g, ctx):
     for n in g.order():
         if not (_traits(n) and _traits(n).anchor):
             continue
-        region = f"f{k}"
+        rid = f"f{k}"
         k += 1
-        n.meta["fusion"] = region
+        n.meta["fusion"] = rid
         n.meta["fused"] = "+".join(epilogue(n))
+        members = [n]
         cur = n
         while len(cur.shapes) == 1 and _single_use(g, Ref(cur.id)):
             (nxt,) = [u for u in g.users(cur.id)] or [None]
             if nxt is None or not _traits(nxt).epilogue_ok or "fusion" in nxt.meta:
                 break
-            nxt.meta["fusion"] = region
+            nxt.meta["fusion"] = rid
+            members.append(nxt)
             cur = nxt
+        ids = {m.id for m in members}
+        inputs = tuple(dict.fromkeys(r for m in members for r in m.inputs if r.node not in ids))
+        n.meta["region"] = Region(rid, n.id, tuple(m.id for m in members), (), tuple(m.id for m in members[1:]),
+                                  inputs, tuple(Ref(cur.id, i) for i in range(len(cur.shapes))), region_flags(n))
     return g

@@ -32,7 +32,8 @@ def compiler_pass(name: str):
 
 @dataclass
 class PlanContext:
-    """What the planner knows about the run: shapes, backend, training, device."""
+    """What the planner knows about the run: shapes, backend, training, device, dtype and the
+    backend's machine model for them."""
 
     batch: int = 1
     length: int | None = 1024   # None: unknown until run time (plans may stay "auto")
@@ -41,6 +42,7 @@ class PlanContext:
     dtype: str = "float32"
     device: str = "cpu"
     mode: str = "auto"           # auto | conv | scan | recurrent (forces a plan where legal)
+    machine: dict | None = None  # the backend's machine model; None: asked from the backend
 
 
 @dataclass

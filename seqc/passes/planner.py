@@ -27,22 +27,16 @@ from ..ops.base import TRAIN_BATCHED_STEPS, TRAIN_LOOP_STEPS  # noqa: F401
 from ..ops.base import PlanOption as Option
 from ..ops.selective_ssm import SCAN_CHUNK  # noqa: F401
 from ..ops.ssm import CONV_OPS  # noqa: F401
+from ..lower import PlanTable
 from .manager import compiler_pass
-
-# Machine models.  CPU figures fitted with benchmarks/bench_plans.py on the
-# 2-core development machine (AMD EPYC, 32 MiB L3); GPU figures are estimates.
-MACHINES = {
-    ("torch", "cpu"): dict(step=10e-6, llc=32 * 2 ** 20, ns={"conv": 0.6, "scan": 24.0, "recurrent": 1.0,
-                                                               "recurrent_dram": 12.0, "selective": 0.25}),
-    ("numpy", "cpu"): dict(step=25e-6, llc=32 * 2 ** 20, ns={"conv": 0.6, "scan": 24.0, "recurrent": 2.0,
-                                                             "recurrent_dram": 12.0, "selective": 20.0}),
-    ("torch", "cuda"): dict(step=8e-6, llc=50 * 2 ** 20, ns={"conv": 0.01, "scan": 0.02, "recurrent": 0.01,
-                                                             "recurrent_dram": 0.02, "selective": 0.005}),
-}
 
 
 def _machine(ctx):
-    return MACHINES.get((ctx.backend, ctx.device), MACHINES[("torch", "cpu")])
+    """The machine model the backend gives for the context's device and dtype."""
+    if ctx.machine is not None:
+        return ctx.machine
+    from ..backend import get_backend
+    return get_backend(ctx.backend, check=False).machine(ctx.device, ctx.dtype)
 
 
 def options_for(node, ctx) -> list[Option]:
@@ -87,8 +81,9 @@ def plan(g, ctx):
     """Choose an execution plan for every sequence layer from the cost model.
 
     With ``ctx.length`` None (shapes unknown until run time), a layer whose
-    best plan depends on the length keeps ``plan=auto``: the backend asks
-    ``plan_for_shapes`` on each call."""
+    best plan depends on the length keeps ``plan=auto`` and carries a threshold
+    table (``meta["plan_table"]``, see ``plan_table``) from which the backend
+    picks the plan on each call without the planner."""
     for n in g.order():
         if n.spec is None or n.spec.plan_options is None:
             continue
@@ -96,6 +91,7 @@ def plan(g, ctx):
             guesses = {choose(n, replace(ctx, length=L))[1].plan for L in (16, 1024, 65536)}
             if len(guesses) > 1:
                 n.meta["plan"], n.meta["plan_reason"] = "auto", "chosen per call from the input's shape"
+                n.meta["plan_table"] = plan_table(n, ctx)
                 continue
             ctx_n = replace(ctx, length=1024)
         else:
@@ -109,6 +105,41 @@ def plan(g, ctx):
 def plan_for_shapes(node, ctx, batch: int, length: int, training: bool) -> str:
     """The plan the cost model picks for one call's shapes."""
     return choose(node, replace(ctx, batch=batch, length=length, training=training))[1].plan
+
+
+TABLE_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+TABLE_MAX_LENGTH = 1 << 20
+
+
+def plan_table(node, ctx) -> PlanTable:
+    """The cost model's plan for every (training, batch in TABLE_BATCHES, length),
+    as sorted length breakpoints.  Lengths are sampled at each power of two and
+    the length after it (the convolution's FFT size jumps there), up to
+    TABLE_MAX_LENGTH; each change of winner between samples is located exactly by
+    bisection, so the table agrees with ``plan_for_shapes`` at every length of
+    those batches as long as the winner changes at most once between samples."""
+    samples = sorted({1} | {v for k in range(1, TABLE_MAX_LENGTH.bit_length()) for v in (1 << k, (1 << k) + 1)})
+    rows = {}
+    for training in (False, True):
+        for batch in TABLE_BATCHES:
+            def best(length, batch=batch, training=training):
+                return plan_for_shapes(node, ctx, batch, length, training)
+            row = [(1, best(1))]
+            lo = 1
+            for hi in samples[1:]:
+                while best(hi) != row[-1][1]:
+                    a, b = lo, hi           # best(a) == current plan, best(b) differs
+                    while b - a > 1:
+                        mid = (a + b) // 2
+                        if best(mid) == row[-1][1]:
+                            a = mid
+                        else:
+                            b = mid
+                    row.append((b, best(b)))
+                    lo = b
+                lo = hi
+            rows[(training, batch)] = tuple(row)
+    return PlanTable(TABLE_BATCHES, rows)
 
 
 def explain(g, ctx) -> str:

@@ -193,7 +193,7 @@ def _build(tmp) -> dict[str, Case]:
     cases["model_named_debug"] = Case(["check", w(j("dbg.seq"), "model __debug__() {\n  input x: [B, L, 4]\n"
                                                                 "  return x\n}\n")],
                                       stderr=r":1:1: error: '__debug__' cannot name a model")
-    cases["difftest_nan_tolerance"] = Case(["difftest", small, "--tolerance", "nan"], stderr="--tolerance must be")
+    cases["difftest_nan_tolerance"] = Case(["difftest", small, "--tolerance", "nan"], stderr="tolerance must be a positive finite number")
     # -- data loss
     spec = w(j("keep.seq"), model("y = linear(x, d)  # keep me\nreturn y"))
     cases["dot_over_spec"] = Case(["graph", spec, "--dot", spec], stderr="would overwrite the spec itself",
