@@ -2,9 +2,9 @@
 
 Public API: ``parse``, ``build_graph``, ``compile``, ``discretize``,
 ``difftest``, ``interop``, ``register_op`` (add an op of your own; see
-``seqc.ops``), ``Spec`` (a spec named explicitly as a file or as source text,
-with include search paths), the one error type ``SeqcError`` and
-``SeqcWarning``.
+``seqc.ops``), ``generate`` (decoding with a compiled language model),
+``Spec`` (a spec named explicitly as a file or as source text, with include
+search paths), the one error type ``SeqcError`` and ``SeqcWarning``.
 """
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ from .api import compile, difftest  # noqa: E402,A001
 from . import interop  # noqa: E402
 from .discretization import discretize  # noqa: E402
 from .ops import register_op  # noqa: E402
+from .generate import generate  # noqa: E402
 
-__all__ += ["build_graph", "compile", "discretize", "difftest", "interop", "register_op"]
+__all__ += ["build_graph", "compile", "discretize", "difftest", "generate", "interop", "register_op"]
 

@@ -20,7 +20,7 @@ from .ir import Graph, Ref, dims_equal, join
 from .loader import Program, as_spec, load
 from .parser import parse
 from .registry import OPS, PARAM_FUNCTIONS, REQUIRED, ShapeError
-from .values import Sym, Tensor, arith, check_attr, fmt_shape, is_number, kind_of, to_number
+from .values import Sym, Tensor, arith, as_integer, check_attr, fmt_shape, is_number, kind_of, to_number
 
 MAX_NODES = 200_000   # default of SEQC_MAX_NODES (seqc.limits), kept for callers of the old name
 # Names a layer cannot take because every compiled torch module already has them.
@@ -188,9 +188,7 @@ class Elaborator:
                     scope.values[e.id] = sympy.Symbol(e.id, positive=True, integer=True)
                 elif i < len(actual.shape):
                     scope.values[e.id] = actual.shape[i]
-            v = self._eval(e, scope.values, None)
-            if isinstance(v, Fraction) and v.denominator == 1:
-                v = int(v)
+            v = as_integer(self._eval(e, scope.values, None))
             if not (isinstance(v, int) and not isinstance(v, bool) and v > 0) and not (
                     isinstance(v, sympy.Expr) and v.is_positive is not False):
                 raise SeqcError(f"dimension {i} of '{stmt.name}' must be a positive integer, got {v}", e.span)
@@ -257,7 +255,7 @@ class Elaborator:
         call = stmt.value
         if not isinstance(call, ast.Call) or call.func not in self.program.definitions:
             raise SeqcError("repeat(n) must be followed by a block call", stmt.value.span)
-        n = self._eval(stmt.repeat, scope.values, None)
+        n = as_integer(self._eval(stmt.repeat, scope.values, None))
         if not (isinstance(n, int) and not isinstance(n, bool)) or n < 0:
             raise SeqcError(f"repeat count must be a non-negative integer, got {n}", stmt.repeat.span)
         if n > 4096:
@@ -340,8 +338,12 @@ class Elaborator:
         attrs_given: dict[str, tuple[Any, Span]] = {}
         attr_names = [a.name for a in spec.attrs]
         pos_attrs = list(attr_names)
+        required = len(spec.inputs) - len(spec.optional_inputs)
         for a in call.args:
-            v = self._eval(a, scope.values, scope)
+            # a bare name in an enum attribute's position is its value (conv1d(x, 4, true, silu)), as
+            # after `activation =`; while required tensor inputs are missing it stays an undefined name
+            enum = bool(pos_attrs) and spec.attr(pos_attrs[0]).type == "enum" and len(tensors) >= required
+            v = self._eval(a, scope.values, scope, enum=enum)
             if isinstance(v, Tensor):
                 if attrs_given:
                     raise SeqcError("tensor argument after attribute arguments", a.span)

@@ -274,3 +274,17 @@ def cmd_ops(args) -> int:
 cmd_ops.takes_spec = False
 cmd_ops.options = [_opt("name", nargs="?", help="an op name"),
                    _opt("--markdown", action="store_true", help="the whole language reference as Markdown")]
+
+
+@command("train", "train the spec's model on a synthetic task (selective copying, induction heads)")
+def cmd_train(args) -> int:
+    from .train import run_command
+    return run_command(args)
+
+
+def _train_options():
+    from .train import CLI_OPTIONS
+    return CLI_OPTIONS
+
+
+cmd_train.options = _train_options()

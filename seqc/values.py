@@ -30,6 +30,18 @@ def to_number(v):
     return v
 
 
+def as_integer(v):
+    """`v` as an int where it is an integer value (an int, an integral Fraction such as
+    ``8 / 2`` or ``2 ** 2``, an integral float such as ``4.0``); anything else unchanged.
+    One rule for every place that wants an integer: attributes, split sizes, dimensions
+    and repeat counts."""
+    if isinstance(v, Fraction) and v.denominator == 1:
+        return int(v)
+    if isinstance(v, float) and v.is_integer() and abs(v) <= 2 ** 62:
+        return int(v)
+    return v
+
+
 def is_number(v) -> bool:
     return isinstance(v, (int, float, Fraction)) and not isinstance(v, bool)
 
@@ -94,8 +106,7 @@ def check_attr(spec, a, v, span):
     if isinstance(v, Fraction):
         v = to_number(v)
     if a.type == "int":
-        if isinstance(v, float) and v.is_integer():
-            v = int(v)
+        v = as_integer(v)
         if not isinstance(v, int) or isinstance(v, bool):
             raise SeqcError(f"{where} must be an integer, got {show(v)}", span)
     elif a.type == "float":
@@ -115,6 +126,7 @@ def check_attr(spec, a, v, span):
                             f"expected one of {', '.join(a.choices)}", span)
         return canon[key]
     elif a.type == "sizes":
+        v = [as_integer(x) for x in v] if isinstance(v, list) else as_integer(v)
         if isinstance(v, list):
             if not v or not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in v):
                 raise SeqcError(f"{where} must be a list of positive integers", span)

@@ -328,7 +328,9 @@ def _streaming_cases():
     cases = [("conv1d", [(B, L, 3)], dict(kernel=4, activation="silu")),
              ("conv1d", [(B, L, 3)], dict(kernel=1, bias=False)),
              ("lstm", [(B, L, 3)], dict(hidden=4, layers=2)),
-             ("attention", [(B, L, 4)], dict(heads=2, bias=True))]
+             ("attention", [(B, L, 4)], dict(heads=2, bias=True)),
+             ("attention", [(B, L, 6)], dict(heads=4, kv_heads=2, head_dim=2, rope=True)),
+             ("attention", [(B, L, 4)], dict(heads=2, kv_heads=1, rope=True, rope_theta=50.0, window=3))]
     for kind, discs in (("diag", DISCS), ("dense", DISCS), ("s5", DISCS), ("shift", ("zoh",))):
         for disc in discs:
             cases.append(("ssm", [(B, L, 3)], dict(kind=kind, d_state=4 if kind != "shift" else 5, disc=disc,

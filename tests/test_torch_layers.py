@@ -55,6 +55,9 @@ CASES = {
     "selective-recurrent": ("selective_ssm", [3, 3, 4, 4, 3], {"d_state": 4, "delta_bias": True}, "recurrent"),
     "lstm": ("lstm", [3], {"hidden": 4, "layers": 2}, None),
     "attention": ("attention", [4], {"heads": 2, "bias": True}, None),
+    "attention-gqa-rope": ("attention", [6], {"heads": 4, "kv_heads": 2, "head_dim": 2, "rope": True}, None),
+    "attention-window": ("attention", [4], {"heads": 2, "kv_heads": 1, "rope": True, "rope_theta": 50.0,
+                                            "window": 3, "bias": True}, None),
 }
 
 
@@ -329,7 +332,7 @@ def _gradcheck_with_state(m, xs, state):
     assert gradcheck(f, tuple(leaves), eps=1e-6, atol=1e-6)
 
 
-GRAD_CASES = [c for c in CASES if c.startswith("ssm")] + ["conv1d", "attention", "lstm", "selective"]
+GRAD_CASES = [c for c in CASES if c.startswith(("ssm", "attention"))] + ["conv1d", "lstm", "selective"]
 
 
 @pytest.mark.parametrize("case", GRAD_CASES)

@@ -182,7 +182,8 @@ class NumpyModel:
 
 def _stack_states(per_sequence: list[dict]) -> dict:
     """One layer's states of single sequences -> a batch state.  A KV cache (k, v of
-    shape (1, heads, T_b, hd)) is right-padded to the longest T, with `valid` marking the real keys."""
+    shape (1, heads, T_b, hd)) is left-padded to the longest T, with `valid` marking the real keys
+    (each row's real keys stay contiguous and end at the last position); other entries stack."""
     first = per_sequence[0]
     if "k" not in first:
         return {n: np.concatenate([s[n] for s in per_sequence], 0) for n in first}
@@ -190,11 +191,12 @@ def _stack_states(per_sequence: list[dict]) -> dict:
     out = {"k": [], "v": [], "valid": []}
     for s in per_sequence:
         t = s["k"].shape[2]
-        pad = ((0, 0), (0, 0), (0, longest - t), (0, 0))
+        pad = ((0, 0), (0, 0), (longest - t, 0), (0, 0))
         out["k"].append(np.pad(s["k"], pad))
         out["v"].append(np.pad(s["v"], pad))
         valid = s.get("valid", np.ones((1, t), bool))
-        out["valid"].append(np.pad(valid, ((0, 0), (0, longest - t))))
+        out["valid"].append(np.pad(valid, ((0, 0), (longest - t, 0))))
+    out.update({n: [s[n] for s in per_sequence] for n in first if n not in out})
     return {n: np.concatenate(v, 0) for n, v in out.items()}
 
 

@@ -60,6 +60,8 @@ class SeqcModule(nn.Module):
         # the layers in program order, for the generated code (not registered twice)
         object.__setattr__(self, "_layer_paths", tuple(tuple(c.name.split(".")) for c in layers))
         object.__setattr__(self, "_inputs", declared_inputs(program.graph))
+        # follows .double() / .to(device) like a weight, so a model without weights knows its dtype
+        self.register_buffer("_dtype_probe", torch.zeros(()), persistent=False)
 
     @property
     def layer_modules(self) -> tuple:
@@ -78,10 +80,8 @@ class SeqcModule(nn.Module):
         check_inputs(self._inputs, xs, step=step)
 
     def state_options(self) -> dict:
-        p = next(self.parameters(), None)
-        if p is None:
-            return {"dtype": torch.get_default_dtype(), "device": None}
-        return {"dtype": p.dtype if p.is_floating_point() else torch.get_default_dtype(), "device": p.device}
+        p = next((p for p in self.parameters() if p.is_floating_point()), self._dtype_probe)
+        return {"dtype": p.dtype, "device": p.device}
 
     def trace(self, *xs, hook=None) -> tuple:
         """(output, {node_id: value}) - every intermediate result, for difftest;

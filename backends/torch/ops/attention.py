@@ -1,5 +1,8 @@
-"""attention as a torch layer: causal multi-head attention through
-F.scaled_dot_product_attention, with a KV cache as its state."""
+"""attention as a torch layer: multi-head attention through
+F.scaled_dot_product_attention (is_causal for the plain causal case, a boolean
+mask for caches, windows and padding; grouped-query heads through
+``enable_gqa``), rotary embedding on q and k, and a KV cache as its state (the
+layout and semantics are those of seqc.ops.attention)."""
 from __future__ import annotations
 
 import torch
@@ -7,13 +10,29 @@ import torch.nn.functional as F
 from torch import nn
 
 from seqc.errors import SeqcError
+from seqc.ops.attention import dims
 
 from ..base import Recurrent, check_lengths
 
+NO_STATE = ("bidirectional attention (causal = false) has no state: it needs the whole sequence at once, "
+            "so step(), state= and return_state= are not available")
+
+
+def rotate(x, positions, theta: float):
+    """Rotary embedding (transformers' Llama convention): x (B, H, L, hd) at `positions` (B, L)
+    -> x cos + rotate_half(x) sin, angles computed in float64."""
+    hd = x.shape[-1]
+    inv_freq = 1.0 / theta ** (torch.arange(0, hd, 2, dtype=torch.float64, device=x.device) / hd)
+    freqs = positions.to(torch.float64)[..., None] * inv_freq
+    emb = torch.cat([freqs, freqs], -1)[:, None]                   # (B, 1, L, hd)
+    cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+    x1, x2 = x[..., :hd // 2], x[..., hd // 2:]
+    return x * cos + torch.cat([-x2, x1], -1) * sin
+
 
 class Attention(Recurrent):
-    """Causal multi-head attention equal to F.scaled_dot_product_attention(is_causal=True);
-    the state is a KV cache that later chunks and steps attend over."""
+    """Multi-head attention (causal: equal to F.scaled_dot_product_attention(is_causal=True)
+    in the default configuration); the state is a KV cache that later chunks and steps attend over."""
 
     op = "attention"
     PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -26,46 +45,92 @@ class Attention(Recurrent):
             if proj.bias is not None:
                 nn.init.zeros_(proj.bias)
             self.add_module(name, proj)
-        d, heads = self.in_features[0], self.attrs["heads"]
-        if d % heads:
-            raise SeqcError(f"{d} features do not divide into {heads} heads")
-        self.heads, self.head_dim = heads, d // heads
+        a = self.attrs
+        self.heads, self.kv_heads, self.head_dim = dims(self.in_features[0], a)
+        self.causal, self.window, self.rope = bool(a["causal"]), int(a["window"]), bool(a["rope"])
 
     def init_state(self, batch, dtype=torch.float32, device=None):
-        empty = torch.zeros(batch, self.heads, 0, self.head_dim, dtype=dtype, device=device)
-        return {"k": empty, "v": empty.clone()}
+        if not self.causal:
+            raise SeqcError(NO_STATE)
+        empty = torch.zeros(batch, self.kv_heads, 0, self.head_dim, dtype=dtype, device=device)
+        state = {"k": empty, "v": empty.clone()}
+        if self.rope:
+            state["pos"] = torch.zeros(batch, dtype=dtype, device=device)
+        return state
 
-    def _split(self, x):
+    def step(self, *inputs_t, state=None):
+        if not self.causal:
+            raise SeqcError(NO_STATE)
+        return super().step(*inputs_t, state=state)
+
+    def _split(self, x, heads):
         b, t, _ = x.shape
-        return x.view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        return x.view(b, t, heads, self.head_dim).transpose(1, 2)
 
     def forward(self, x, state=None, return_state=False, lengths=None):
         lengths = check_lengths(lengths, x)
-        batch, length, d = x.shape
-        q, k, v = (self._split(getattr(self, p)(x)) for p in self.PROJECTIONS[:3])
-        if state is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-            past_valid = x.new_ones(batch, 0, dtype=torch.bool)
-        else:
+        batch, length, _ = x.shape
+        if not self.causal and (state is not None or return_state):
+            raise SeqcError(NO_STATE)
+        q = self._split(self.q_proj(x), self.heads)
+        k, v = self._split(self.k_proj(x), self.kv_heads), self._split(self.v_proj(x), self.kv_heads)
+        past = 0 if state is None else state["k"].shape[2]
+        past_valid = None if state is None else state.get("valid")
+        if self.rope:
+            pos = x.new_zeros(batch) if state is None else state["pos"].to(x.dtype)
+            positions = pos[:, None] + torch.arange(length, device=x.device, dtype=x.dtype)
+            theta = float(self.attrs["rope_theta"])
+            q, k = rotate(q, positions, theta), rotate(k, positions, theta)
+        if state is not None:
             k = torch.cat([state["k"].to(k.dtype), k], 2)
             v = torch.cat([state["v"].to(v.dtype), v], 2)
-            past = state["k"].shape[2]
-            past_valid = state.get("valid", x.new_ones(batch, past, dtype=torch.bool))
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=self._mask(past_valid, length))
-        y = self.o_proj(out.transpose(1, 2).reshape(batch, length, d))
+        gqa = self.kv_heads != self.heads
+        if not self.causal:
+            mask = None if lengths is None else \
+                (torch.arange(length, device=x.device) < lengths[:, None])[:, None, None, :]
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        elif state is None and not self.window:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=self._mask(past, length, past_valid, x.device),
+                                                 enable_gqa=gqa)
+        y = self.o_proj(out.transpose(1, 2).reshape(batch, length, self.heads * self.head_dim))
         if not return_state:
             return y
-        new_state = {"k": k, "v": v}
-        if lengths is not None or (state is not None and "valid" in state):
-            now = torch.arange(length, device=x.device)[None, :] < (length if lengths is None else lengths[:, None])
-            new_state["valid"] = torch.cat([past_valid, now.expand(batch, length)], 1)
-        return y, new_state
+        return y, self._new_state(k, v, past_valid, lengths, length, None if not self.rope else pos)
 
-    @staticmethod
-    def _mask(past_valid, length):
-        """(B, 1, L, P+L) bool: the valid cached keys plus the causal part over the new ones."""
-        batch, past = past_valid.shape
-        device = past_valid.device
-        causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()
-        cached = past_valid[:, None, None, :].expand(batch, 1, length, past)
-        return torch.cat([cached, causal.expand(batch, 1, length, length)], -1)
+    def _mask(self, past, length, past_valid, device):
+        """(L, P+L) or (B, 1, L, P+L) bool: causal (and windowed) over cache + chunk, valid cached keys."""
+        j = torch.arange(past + length, device=device)[None, :]
+        i = past + torch.arange(length, device=device)[:, None]
+        mask = j <= i
+        if self.window:
+            mask = mask & (j > i - self.window)
+        if past_valid is None:
+            return mask
+        batch = past_valid.shape[0]
+        valid = torch.cat([past_valid, past_valid.new_ones(batch, length)], 1)
+        return (mask[None] & valid[:, None, :])[:, None]
+
+    def _new_state(self, k, v, past_valid, lengths, length, pos):
+        """The cache after this chunk: padding moved to the left (each row's real keys contiguous,
+        ending at the last position), trimmed to the window, and the position counter."""
+        batch, total = k.shape[0], k.shape[2]
+        new = {"k": k, "v": v}
+        if lengths is not None or past_valid is not None:
+            if past_valid is None:
+                past_valid = torch.ones(batch, total - length, dtype=torch.bool, device=k.device)
+            now = torch.arange(length, device=k.device)[None, :] < (length if lengths is None else lengths[:, None])
+            valid = torch.cat([past_valid, now.expand(batch, length)], 1)
+            if lengths is not None:      # stable sort: padding first, real keys keep their order
+                order = torch.argsort(valid.to(torch.int8), dim=1, stable=True)
+                index = order[:, None, :, None].expand_as(k)
+                new = {"k": k.gather(2, index), "v": v.gather(2, index)}
+                valid = valid.gather(1, order)
+            new["valid"] = valid
+        if self.window:
+            keep = max(total - (self.window - 1), 0)
+            new = {n: t[:, :, keep:] if t.dim() == 4 else t[:, keep:] for n, t in new.items()}
+        if pos is not None:
+            new["pos"] = pos + (length if lengths is None else lengths.to(pos.dtype))
+        return new
