@@ -366,6 +366,11 @@ class Elaborator:
             if kw.name in attrs_given:
                 raise SeqcError(f"argument '{kw.name}' given twice", kw.span)
             is_enum = spec.attr(kw.name).type == "enum"
+            if is_enum and isinstance(kw.value, ast.Name) and kw.value.id in spec.attr(kw.name).choices:
+                # one of the attribute's own values wins over a dimension or parameter of that name
+                # (dim = time where `time` also names an input dimension)
+                attrs_given[kw.name] = (kw.value.id, kw.span)
+                continue
             attrs_given[kw.name] = (self._eval(kw.value, scope.values, scope, enum=is_enum), kw.span)
         if named_inputs:
             slots = list(spec.inputs)

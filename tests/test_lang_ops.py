@@ -207,3 +207,10 @@ def test_torch_gradients_match_finite_differences_of_the_reference(dtype, tol):
         e[i] = h
         fd[i] = ((ref(x + e, ref.weights) - ref(x - e, ref.weights)) * w).sum() / (2 * h)
     assert_agree(fd, xt.grad, tol)
+
+
+def test_enum_value_wins_over_a_dimension_of_the_same_name():
+    """Found by the fuzzer: `input x: [batch, time, 4]` makes `time` a dimension symbol;
+    `dim = time` still means the attribute value."""
+    g = seqc.build_graph(source="model M() {\n  input x: [batch, time, 4]\n  return mean(x, dim = time)\n}\n")
+    assert [n.attrs for n in g.order() if n.op == "mean"] == [{"dim": "time"}]
