@@ -594,7 +594,7 @@ class Elaborator:
         return r
 
     def _scalar_binop(self, e: ast.BinOp, a, b, name):
-        """tensor (op) number or number (op) tensor -> one `scale` node (x * scale + shift)."""
+        """tensor (op) number or number (op) tensor -> one `affine` node (x * scale + shift)."""
         t, c = (a, b) if isinstance(a, Tensor) else (b, a)
         side = e.left if t is a else e.right
         if isinstance(c, bool) or not is_number(c):
@@ -622,7 +622,7 @@ class Elaborator:
             raise SeqcError(f"cannot apply '{e.op}' to {kind_of(a)} and {kind_of(b)}: {what} is not supported "
                             f"(tensors and numbers combine with +, -, *, and tensor / number)", e.span)
         self._count(e.span, f"'{e.op}'")
-        node = self.graph.add("scale", [t.ref], attrs, [tuple(t.shape)], name=name, span=e.span)
+        node = self.graph.add("affine", [t.ref], attrs, [tuple(t.shape)], name=name, span=e.span)
         return Tensor(Ref(node.id), tuple(t.shape), "float")
 
     def _tensor_binop(self, scope, e: ast.BinOp, a, b, name):

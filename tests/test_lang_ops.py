@@ -44,7 +44,7 @@ def test_scalar_tensor_arithmetic_and_math_ops_match_formulas():
     for w, b in zip(want, tm32(torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=torch.float32))):
         assert_agree(w, b, 2e-6)
     ops = [n.op for n in seqc.build_graph(source=ARITH).nodes.values()]
-    assert ops.count("scale") == 6 and "div" in ops
+    assert ops.count("affine") == 6 and "div" in ops
 
 
 @pytest.mark.parametrize("expr, msg", [

@@ -1,7 +1,7 @@
 """Elementwise math over the features of a sequence: ``exp``, ``sqrt``,
 ``softmax`` (over the last dimension), ``rms`` (x / sqrt(mean(x^2) + eps) over
 the last dimension, RMSNorm without a weight, as FalconMamba's mixer norms),
-tensor ``div`` (``a / b``, equal shapes) and ``scale`` (``x * scale + shift``:
+tensor ``div`` (``a / b``, equal shapes) and ``affine`` (``x * scale + shift``:
 what the language's scalar x tensor arithmetic ``0.5 * x``, ``x / 4``,
 ``x + 1``, ``1 - x`` lowers to) - specs and NumPy references.  All are
 stateless and per time step, so step, state and lengths= need nothing."""
@@ -42,8 +42,8 @@ def div(a, b, **_):
         return f64(a) / f64(b)
 
 
-@with_defaults("scale")
-def scale(x, *, scale, shift, **_):
+@with_defaults("affine")
+def affine(x, *, scale, shift, **_):
     return f64(x) * scale + shift
 
 
@@ -59,7 +59,7 @@ register_op(OpSpec("rms", ("x",), (Attr("eps", "float", 1e-6, positive=True),), 
 register_op(OpSpec("div", ("a", "b"), shape=check_same, kind="elementwise",
                    doc="a / b elementwise (the language's tensor '/'; equal shapes)", reference=div,
                    traits=_POINTWISE))
-register_op(OpSpec("scale", ("x",), (Attr("scale", "float", 1.0), Attr("shift", "float", 0.0)),
+register_op(OpSpec("affine", ("x",), (Attr("scale", "float", 1.0), Attr("shift", "float", 0.0)),
                    shape=same_as_first, kind="elementwise",
                    doc="x * scale + shift (the language's scalar-tensor arithmetic: 0.5 * x, x / 4, x + 1, 1 - x)",
-                   reference=scale, traits=_POINTWISE))
+                   reference=affine, traits=_POINTWISE))

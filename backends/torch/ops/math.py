@@ -1,5 +1,5 @@
 """Elementwise math in torch: exp, sqrt, softmax (features), rms (weightless
-RMSNorm, computed in at least float32), div and scale (x * scale + shift)."""
+RMSNorm, computed in at least float32), div and affine (x * scale + shift)."""
 from __future__ import annotations
 
 import torch
@@ -34,7 +34,7 @@ def div(a, b, **_):
     return a / b
 
 
-@torch_function("scale")
-def scale(x, scale: float = 1.0, shift: float = 0.0, **_):
+@torch_function("affine")
+def affine(x, scale: float = 1.0, shift: float = 0.0, **_):
     y = x * scale if scale != 1.0 else x
     return y + shift if shift != 0.0 else y
