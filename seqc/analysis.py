@@ -366,6 +366,11 @@ class Elaborator:
             if kw.name in attrs_given:
                 raise SeqcError(f"argument '{kw.name}' given twice", kw.span)
             is_enum = spec.attr(kw.name).type == "enum"
+            if is_enum and isinstance(kw.value, ast.Name) and kw.value.id in spec.attr(kw.name).choices:
+                # one of the attribute's own values wins over a dimension or parameter of that name
+                # (dim = time where `time` also names an input dimension)
+                attrs_given[kw.name] = (kw.value.id, kw.span)
+                continue
             attrs_given[kw.name] = (self._eval(kw.value, scope.values, scope, enum=is_enum), kw.span)
         if named_inputs:
             slots = list(spec.inputs)
@@ -391,6 +396,10 @@ class Elaborator:
             missing = spec.inputs[len(tensors)]
             raise SeqcError(f"'{spec.name}' takes {required} tensor input(s) ({', '.join(spec.inputs[:required])}), "
                             f"got {len(tensors)}; missing '{missing}'", call.span)
+        tie_span = attrs_given["tie"][1] if "tie" in attrs_given else None
+        for a in spec.attrs:               # a layer attribute names another layer by the value it produced
+            if a.type == "layer" and a.name in attrs_given:
+                attrs_given[a.name] = (self._layer_of(spec, a, *attrs_given[a.name]), attrs_given[a.name][1])
         attrs = self._check_attrs(spec, attrs_given, call.span)
         for k, (t, sp) in enumerate(tensors):
             want = "int" if spec.int_input and k == 0 else "float"
@@ -440,11 +449,37 @@ class Elaborator:
                 raise SeqcError(f"'as self' places a layer's weights in its block, but '{spec.name}' has none",
                                 call.span)
             name = name_hint or (join(scope.path, module) if module else "")
+        if attrs.get("tie"):
+            self._check_tie(spec, attrs, shapes, tie_span)
         self._count(call.span, f"'{spec.name}' layer")
         node = self.graph.add(spec.name, [t.ref for t, _ in tensors], attrs, out_shapes, name=name, span=call.span,
                               dtype="float")
         outs = [Tensor(Ref(node.id, i), tuple(s), "float") for i, s in enumerate(out_shapes)]
         return outs
+
+    def _layer_of(self, spec, a, v, span) -> str:
+        """The name of the layer whose output `v` is (`tie = embeddings`)."""
+        if not isinstance(v, Tensor):
+            raise SeqcError(f"'{spec.name}' argument '{a.name}' must name a layer by its value (e.g. "
+                            f"{a.name} = embeddings), got {kind_of(v)}", span)
+        node = self.graph.nodes[v.ref.node]
+        if not (node.spec is not None and node.spec.has_weights and node.name):
+            raise SeqcError(f"'{spec.name}' argument '{a.name}': this value comes from '{node.op}', which is not a "
+                            f"layer with weights", span)
+        return node.attrs.get("tie") or node.name      # tying to a tied layer ties to its owner
+
+    def _check_tie(self, spec, attrs, shapes, span):
+        """The tied weight exists and has this layer's weight shape."""
+        own = spec.weights(shapes, attrs)["weight"]
+        owner = next(n for n in self.graph.nodes.values() if n.name == attrs["tie"] and n.spec is not None
+                     and n.spec.has_weights)
+        theirs = owner.weight_shapes().get("weight")
+        if theirs is None:
+            raise SeqcError(f"'{spec.name}': cannot tie to '{owner.name}' ({owner.op}), which has no 'weight'", span)
+        own, theirs = tuple(int(d) for d in own), tuple(int(d) for d in theirs)
+        if own != theirs:
+            raise SeqcError(f"'{spec.name}': cannot tie to '{owner.name}': its weight is {theirs} but this "
+                            f"{spec.name} needs {own}", span)
 
     def _check_attrs(self, spec, given, span):
         attrs = {}
@@ -558,11 +593,45 @@ class Elaborator:
                             f"{how_to_raise('SEQC_MAX_DIM_OPS')})", e.span)
         return r
 
+    def _scalar_binop(self, e: ast.BinOp, a, b, name):
+        """tensor (op) number or number (op) tensor -> one `affine` node (x * scale + shift)."""
+        t, c = (a, b) if isinstance(a, Tensor) else (b, a)
+        side = e.left if t is a else e.right
+        if isinstance(c, bool) or not is_number(c):
+            raise SeqcError(f"cannot apply '{e.op}' to {kind_of(a)} and {kind_of(b)} (a tensor combines with "
+                            f"a tensor or a number)", e.span)
+        if t.dtype != "float":
+            raise SeqcError(f"'{e.op}' needs a float tensor; this one holds integer tokens (embed them first)",
+                            side.span)
+        c = float(c)
+        if not math.isfinite(c):
+            raise SeqcError(f"'{e.op}' with a non-finite number {c}", e.span)
+        tensor_left = t is a
+        if e.op == "*":
+            attrs = {"scale": c, "shift": 0.0}
+        elif e.op == "/" and tensor_left:
+            if c == 0:
+                raise SeqcError("division of a tensor by zero", e.right.span)
+            attrs = {"scale": 1.0 / c, "shift": 0.0}
+        elif e.op == "+":
+            attrs = {"scale": 1.0, "shift": c}
+        elif e.op == "-":
+            attrs = {"scale": 1.0, "shift": -c} if tensor_left else {"scale": -1.0, "shift": c}
+        else:
+            what = "a number by a tensor" if e.op == "/" else f"'{e.op}' between a tensor and a number"
+            raise SeqcError(f"cannot apply '{e.op}' to {kind_of(a)} and {kind_of(b)}: {what} is not supported "
+                            f"(tensors and numbers combine with +, -, *, and tensor / number)", e.span)
+        self._count(e.span, f"'{e.op}'")
+        node = self.graph.add("affine", [t.ref], attrs, [tuple(t.shape)], name=name, span=e.span)
+        return Tensor(Ref(node.id), tuple(t.shape), "float")
+
     def _tensor_binop(self, scope, e: ast.BinOp, a, b, name):
-        ops = {"+": "add", "-": "sub", "*": "mul"}
-        if e.op not in ops or not (isinstance(a, Tensor) and isinstance(b, Tensor)):
+        ops = {"+": "add", "-": "sub", "*": "mul", "/": "div"}
+        if not (isinstance(a, Tensor) and isinstance(b, Tensor)):
+            return self._scalar_binop(e, a, b, name)
+        if e.op not in ops:
             raise SeqcError(f"cannot apply '{e.op}' to {kind_of(a)} and {kind_of(b)}"
-                            + (" (tensors combine with +, - and *)" if e.op not in ops else ""), e.span)
+                            " (tensors combine with +, -, * and /)", e.span)
         spec = OPS[ops[e.op]]
         for t, side in ((a, e.left), (b, e.right)):
             if t.dtype != "float":

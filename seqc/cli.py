@@ -137,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     def add(name, fn, help):
         s = sub.add_parser(name, help=help, description=help)
+        if not getattr(fn, "takes_spec", True):      # e.g. `seqc ops`, `seqc import`: own positionals
+            s.set_defaults(fn=fn, file=None)
+            return s
         s.add_argument("file", help="a .seq file ('-' reads the spec from standard input)")
         s.add_argument("--param", "-p", action="append", metavar="NAME=VALUE",
                        help="override a top-level parameter (repeatable)")
@@ -172,7 +175,8 @@ def main(argv=None) -> int:
         with warnings.catch_warnings():
             warnings.simplefilter("default", SeqcWarning)
             warnings.showwarning = _show_warning
-            args.file = _spec_of(args)
+            if getattr(args.fn, "takes_spec", True):
+                args.file = _spec_of(args)
             return args.fn(args) or 0
     except SeqcError as e:
         if e.filename is None and file is not None:   # no position: FILE: error: ..., no invented line

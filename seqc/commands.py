@@ -246,6 +246,36 @@ def cmd_fmt(args) -> int:
 cmd_fmt.options = [_opt("--check", action="store_true", help="exit 1 if the file is not already formatted")]
 
 
+@command("import", "print the .seq spec of a Hugging Face save_pretrained directory or a mamba_ssm checkpoint")
+def cmd_import(args) -> int:
+    from .interop import spec_for
+    sys.stdout.write(spec_for(args.path))
+    return 0
+
+
+cmd_import.takes_spec = False
+cmd_import.options = [_opt("path", help="a save_pretrained directory (config.json + weights) or a checkpoint file")]
+
+
+@command("ops", "list the ops, print one op's reference (seqc ops NAME), or the whole reference (--markdown)")
+def cmd_ops(args) -> int:
+    from .ops import OPS
+    from .reference import describe, markdown, signature
+    if args.markdown:
+        sys.stdout.write(markdown())
+    elif args.name:
+        sys.stdout.write(describe(args.name))
+    else:
+        for name in sorted(OPS):
+            print(signature(OPS[name]))
+    return 0
+
+
+cmd_ops.takes_spec = False
+cmd_ops.options = [_opt("name", nargs="?", help="an op name"),
+                   _opt("--markdown", action="store_true", help="the whole language reference as Markdown")]
+
+
 @command("train", "train the spec's model on a synthetic task (selective copying, induction heads)")
 def cmd_train(args) -> int:
     from .train import run_command

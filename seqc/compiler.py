@@ -37,7 +37,7 @@ def plan_graph(spec, backend="torch", params=None, mode="auto", *, length=1024, 
 def compile(spec, backend: str = "torch", params: dict | None = None, mode: str = "auto", *, seed: int = 0,
             length: int | None = None, batch: int = 1, training: bool = False, device: str | None = None,
             dtype: str | None = None, pipeline: Pipeline | None = None):
-    """Compile a .seq spec (path or source) for a backend (CONTRACT: seqc.compile).
+    """Compile a .seq spec (path or source) for a backend.
 
     ``mode`` forces one plan on every layer where it is legal ("conv" only
     applies to time-invariant layers).  With ``length=None`` (the default) a layer

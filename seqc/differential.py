@@ -368,8 +368,8 @@ def _check_tolerance(tolerance):
 def difftest(spec, backends=("numpy", "torch"), params=None, seed: int = 0, dtype: str = "float64", *,
              modes=None, length: int = 16, batch: int = 2, tolerance: float | None = None, grads: bool = True,
              step: bool = True) -> Report:
-    """Compare two backends (or two plans) node by node, gradients and stepping
-    (CONTRACT: seqc.difftest).  ``modes`` gives each side's plan mode (auto |
+    """Compare two backends (or two plans) node by node, gradients and stepping.
+    ``modes`` gives each side's plan mode (auto |
     conv | scan | recurrent); ``tolerance`` overrides the value tolerance of
     ``dtype``."""
     backends = tuple(backends)

@@ -762,7 +762,7 @@ def discretizer(structure: str, method: str, backend: str):
 
 
 # --------------------------------------------------------------------------
-# numeric entry point (contract)
+# numeric entry point
 # --------------------------------------------------------------------------
 
 def _numeric(name: str, x) -> np.ndarray:

@@ -47,10 +47,15 @@ class Node:
         return self.shapes[0]
 
     def weight_shapes(self) -> dict[str, tuple]:
+        """The weights this node owns (a tied weight belongs to the layer it is tied to)."""
         spec = self.spec
         if spec is None or spec.weights is None:
             return {}
-        return spec.weights(self.input_shapes, self.attrs)
+        return {k: v for k, v in spec.weights(self.input_shapes, self.attrs).items() if k not in self.tied()}
+
+    def tied(self) -> dict[str, str]:
+        """{own weight name: the state_dict key it reads} for a layer with ``tie = other``."""
+        return {"weight": join(self.attrs["tie"], "weight")} if self.attrs.get("tie") else {}
 
     # filled by Graph.add so specs can see their input shapes
     input_shapes: tuple = ()

@@ -202,6 +202,7 @@ class Gen:
 
     def statement(self, scope, pool, lines):
         ops = ["linear", "conv1d", "norm", "activation", "dropout", "binary", "gate", "glu", "split", "concat",
+               "math", "reduce",
                "ssm", "selective_ssm", "lstm", "attention", "block", "block", "block", "std_block", "std_block"]
         if scope["depth"] >= 2:
             ops = [o for o in ops if o not in ("block", "std_block")]
@@ -330,6 +331,24 @@ class Gen:
             line.add(")")
         self.features.add("binary")
         self.bind(scope, pool, lines, line, x.width, alias=False)
+
+    def op_math(self, scope, pool, lines, x):
+        """exp / sqrt / softmax / rms, scalar x tensor arithmetic and tensor '/' (kept finite)."""
+        y = self._partner(pool, x)
+        form = self.pick(["exp", "sqrt", "softmax", "rms", "scalar", "div"])
+        text = {"exp": f"exp(tanh({x.name}))", "sqrt": f"sqrt({x.name} * {x.name} + 1)",
+                "softmax": f"softmax({x.name})", "rms": f"rms({x.name}, eps = {self.pick(['1e-6', '0.01'])})",
+                "scalar": f"{self.pick(['0.5 * ', '2 - ', '1 + '])}{x.name}{self.pick([' / 4', ' * 3', ' - 1'])}",
+                "div": f"{x.name} / sqrt(1.5 + {y.name} * {y.name})"}[form]
+        self.features.add("math")
+        self.bind(scope, pool, lines, Line(text), x.width, alias=False)
+
+    def op_reduce(self, scope, pool, lines, x):
+        """mean / sum / max / last over time (running) or features (width 1)."""
+        how, dim = self.pick(["mean", "sum", "max", "last"]), self.pick(["time", "time", "features"])
+        line = Line(f"{how}({x.name}, dim = {dim})")
+        self.features.add("reduce")
+        self.bind(scope, pool, lines, line, x.width if dim == "time" else 1, alias=False)
 
     def op_gate(self, scope, pool, lines, x):
         g = self._partner(pool, x)

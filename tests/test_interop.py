@@ -24,7 +24,7 @@ def test_mambapy_checkpoint_matches_mambapy_forward():
 
 
 def _mamba_ssm_lm_keys(ref, vocab=50, prefix="backbone."):
-    """mamba_ssm's MambaLMHeadModel naming, built in the test from the contract's key list."""
+    """mamba_ssm's MambaLMHeadModel naming, built in the test from its key list."""
     torch.manual_seed(1)
     sd = {prefix + k: v.clone() for k, v in ref.state_dict().items()}
     d_model = ref.layers[0].mixer.in_proj.weight.shape[1]

@@ -19,7 +19,7 @@ MAMBA = str(ROOT / "examples" / "mamba.seq")
 BLOCK_FILE = ROOT / "seqc" / "stdlib" / "mamba_block.seq"   # include "std/mamba_block.seq"
 B, L = sympy.Symbol("B", positive=True, integer=True), sympy.Symbol("L", positive=True, integer=True)
 
-# The layer sequence of one Mamba residual block, in dataflow order (the CONTRACT's description:
+# The layer sequence of one Mamba residual block, in dataflow order (mamba_ssm's Mamba block:
 # rmsnorm, in_proj, split into x and z, conv1d + silu, x_proj, split into dt, B, C, dt_proj,
 # selective scan gated by silu(z), out_proj, residual add).
 BLOCK_OPS = [("rmsnorm", "norm"), ("linear", "mixer.in_proj"), ("split", ""), ("conv1d", "mixer.conv1d"),
@@ -28,7 +28,7 @@ BLOCK_OPS = [("rmsnorm", "norm"), ("linear", "mixer.in_proj"), ("split", ""), ("
 
 
 def mamba_keys(n_layers):
-    """The checkpoint keys of mamba_ssm, written from the CONTRACT text."""
+    """The checkpoint keys of mamba_ssm, as mamba_ssm names them."""
     mixer = ["in_proj.weight", "conv1d.weight", "conv1d.bias", "x_proj.weight", "dt_proj.weight", "dt_proj.bias",
              "A_log", "D", "out_proj.weight"]
     keys = []

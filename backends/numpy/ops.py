@@ -10,7 +10,8 @@ Calling convention: stateless ``name(*inputs, p=weights, **attrs)`` -> an
 array (a tuple for ``split``); stateful ``name(*inputs, p=, state=None,
 plan=None, **attrs) -> (y, final_state)`` on sequences ``(B, L, .)``,
 ``name_step(*inputs_t, p=, state=, **attrs) -> (y_t, new_state)`` on ``(B, .)``,
-``name_init_state(batch, p, **attrs)`` -> the zero state.  No function mutates
+``name_init_state(batch, p, **attrs)`` -> the zero state (an op without weights
+also gets ``features=``, its input's last dimension, to size it).  No function mutates
 the state it is given.  State layouts are documented in each family module.
 """
 from __future__ import annotations

@@ -136,7 +136,8 @@ class Layer(nn.Module):
         super().__init__()
         self.in_features = [int(f) for f in in_features]
         self.attrs = with_defaults(self.op, dict(attrs))
-        shapes = OPS[self.op].weights(stand_in_shapes(self.in_features), self.attrs)
+        weights = OPS[self.op].weights          # None: a weight-free stateful op (e.g. mean over time)
+        shapes = weights(stand_in_shapes(self.in_features), self.attrs) if weights else {}
         self._build({k: v for k, v in shapes.items() if not k.startswith("reverse.")})
         if self.attrs.get("direction") == "bidirectional":      # forward + time-reversed pass (reverse.*)
             from .bidirectional import make_bidirectional
@@ -148,6 +149,22 @@ class Layer(nn.Module):
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.attrs.items())
+
+    def tie(self, name: str, owner: "Layer", owner_name: str) -> None:
+        """Use `owner`'s parameter `owner_name` as this layer's `name` (``tie = other``): the
+        parameter stays registered on `owner` only, so the state_dict holds it once and
+        gradients, ``.to()`` and loading all act on the one tensor."""
+        self._parameters.pop(name, None)
+        object.__setattr__(self, "_tied_" + name, (owner, owner_name))
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            tied = self.__dict__.get("_tied_" + name)
+            if tied is None:
+                raise
+            return getattr(tied[0], tied[1])
 
     def init_state(self, batch: int, dtype=torch.float32, device=None) -> dict:
         return {}

@@ -149,6 +149,9 @@ def _build_tree(root: nn.Module, calls) -> None:
         mod = layers.get(path) or Container()
         made[parent].add_module(leaf, mod)
         made[path] = mod
+    for c in calls:                          # tie = other: share other's Parameter (one state_dict key)
+        if c.attrs.get("tie"):
+            layers[c.name].tie("weight", layers[c.attrs["tie"]], "weight")
 
 
 def _namespace() -> dict:

@@ -1,6 +1,8 @@
 """Loading other projects' checkpoints into compiled seqc models.
 
-``from_mamba_ssm(state_dict)`` reads the key layout of mamba_ssm (optionally
+``from_pretrained(path)`` and ``spec_for(path)`` (``seqc.interop.pretrained``) read
+Hugging Face save_pretrained directories, one family module per model_type
+in ``seqc.interop.families``.  ``from_mamba_ssm(state_dict)`` reads the key layout of mamba_ssm (optionally
 under ``backbone.``) and of mambapy (under ``mamba.``), infers the
 configuration from tensor shapes, writes the matching .seq spec (numbers
 only; the blocks come from seqc's standard library) and returns the compiled
@@ -220,7 +222,7 @@ def mamba_spec(cfg: dict) -> str:
 
 
 def from_mamba_ssm(state_dict, dtype=None):
-    """A torch-backend compiled model holding a mamba_ssm / mambapy checkpoint (CONTRACT).
+    """A torch-backend compiled model holding a mamba_ssm / mambapy checkpoint.
 
     ``state_dict`` may also be a path to a .safetensors / .pt / .bin file.  A
     language-model checkpoint without ``lm_head.weight`` ties it to the
@@ -255,3 +257,6 @@ def from_mamba_ssm(state_dict, dtype=None):
     weights = {k: v.detach().cpu().double().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
                for k, v in sd.items()}
     return model.load_numpy(weights)
+
+
+from .pretrained import from_pretrained, spec_for  # noqa: E402  (uses the readers above)

@@ -34,6 +34,8 @@ register_op(OpSpec("linear", ("x",), (
     Attr("init", "enum", "default", ("default", "mamba_dt", "zeros"), init_only=True,
          doc="default: torch.nn.Linear; mamba_dt: Mamba's dt_proj (weight ±dt_rank^-0.5, bias inverse-softplus dt)"),
     *DT_ATTRS,
+    Attr("tie", "layer", "", doc="another layer (named by its value, e.g. tie = embeddings) whose `weight` of the "
+                                 "same shape this linear uses: stored once, under that layer's key"),
 ), shape=lambda s, a: [tuple(s[0][:-1]) + (a["out"],)],
    weights=lambda s, a: {"weight": (a["out"], int(last(s[0]))), **({"bias": (a["out"],)} if a["bias"] else {})},
    doc="y = x W^T + b over the last dimension", reference=linear, init=init_linear, validate=check_dt_range))
