@@ -4,9 +4,9 @@
 
 * ``scan``: the chunked SSD form as a fixed set of batched matmuls - scores
   ``C B^T`` per group (heads of a group share them, never repeated), the
-  1-semiseparable decay mask per head, the chunk states, the chunk-to-chunk
-  recurrence as one (chunks+1) x (chunks+1) decay matrix, and the states read
-  back through C.  Padding to whole chunks uses dt = 0 (decay 1, no input).
+  1-semiseparable decay mask per head, the chunk states (the heads of a group
+  stacked into one matmul), the chunk-to-chunk recurrence (L / chunk cheap
+  elementwise steps), and the states read back through C.  Padding to whole chunks uses dt = 0 (decay 1, no input).
 * ``recurrent``: ``step`` in a loop over time (what decoding runs).
 
 ``lengths=``: dt is zeroed past each length, so the state stops there.
@@ -34,36 +34,31 @@ def ssd_chunked(x, dt, a, B, C, h0, chunk):
     if pad:
         x, dt, B, C = (F.pad(t, (0,) * (2 * (t.dim() - 2)) + (0, pad)) for t in (x, dt, B, C))
     c, Q = (L + pad) // chunk, chunk
-    xc = x.view(b, c, Q, H, P).permute(0, 1, 3, 2, 4)                    # (b, c, H, Q, P)
-    dtc = dt.view(b, c, Q, H).permute(0, 1, 3, 2)                          # (b, c, H, Q)
+    xdt = (x * dt[..., None]).view(b, c, Q, H, P)                          # dt_s x_s, time-major
     Bc = B.view(b, c, Q, G, N).permute(0, 1, 3, 2, 4)                      # (b, c, G, Q, N)
     Cc = C.view(b, c, Q, G, N).permute(0, 1, 3, 2, 4)
-    cs = torch.cumsum(dtc * a[:, None], dim=-1)                            # (b, c, H, Q)
+    cs = torch.cumsum(dt.view(b, c, Q, H) * a, dim=2)                      # (b, c, Q, H): sum_{r<=t} dt_r a
+    csT = cs.transpose(2, 3)                                               # (b, c, H, Q)
     causal = torch.ones(Q, Q, dtype=torch.bool, device=x.device).tril()
-    seg = (cs[..., :, None] - cs[..., None, :]).masked_fill(~causal, float("-inf"))
-    decay = torch.exp(seg)                                                 # (b, c, H, Q, Q)
-    scores = Cc @ Bc.transpose(-1, -2)                                     # (b, c, G, Q, Q)
-    xdt = xc * dtc[..., None]                                              # (b, c, H, Q, P)
-    M = (decay.view(b, c, G, R, Q, Q) * scores[:, :, :, None])
-    y = (M @ xdt.view(b, c, G, R, Q, P)).view(b, c, H, Q, P)              # diagonal blocks
-    to_end = torch.exp(cs[..., -1:] - cs)                                  # (b, c, H, Q)
-    states = (xdt * to_end[..., None]).transpose(-1, -2).reshape(b, c, G, R, P, Q) @ Bc[:, :, :, None]
-    states = states.view(b, c, H, P * N)                                   # each chunk's own contribution
-    if h0 is None:
-        h0 = x.new_zeros(b, H, P, N)
-    # chunk-to-chunk recurrence: start_k = sum_{j<=k} exp(sum of chunk totals j+1..k) S_j (S_0 = h0)
-    total = F.pad(cs[..., -1].transpose(1, 2), (1, 0))                     # (b, H, c+1)
-    csum = torch.cumsum(total, dim=-1)
-    ksteps = c + 1
-    lower = torch.ones(ksteps, ksteps, dtype=torch.bool, device=x.device).tril()
-    W = torch.exp((csum[..., :, None] - csum[..., None, :]).masked_fill(~lower, float("-inf")))
-    S = torch.cat([h0.reshape(b, 1, H, P * N), states], 1).transpose(1, 2)  # (b, H, c+1, P N)
-    starts = (W @ S)                                                        # (b, H, c+1, P N)
-    final = starts[:, :, -1].view(b, H, P, N)
-    starts = starts[:, :, :-1].transpose(1, 2).reshape(b, c, G, R, P, N)
-    y_off = (Cc[:, :, :, None] @ starts.transpose(-1, -2)).view(b, c, H, Q, P) * torch.exp(cs)[..., None]
-    y = (y + y_off).permute(0, 1, 3, 2, 4).reshape(b, c * Q, H, P)[:, :L]
-    return y, final
+    decay = torch.exp((csT[..., :, None] - csT[..., None, :]).masked_fill(~causal, float("-inf")))
+    scores = Cc @ Bc.transpose(-1, -2)                                     # (b, c, G, Q, Q), shared by R heads
+    M = (decay.view(b, c, G, R, Q, Q) * scores[:, :, :, None]).view(b, c, H, Q, Q)
+    y = M @ xdt.permute(0, 1, 3, 2, 4)                                     # diagonal blocks (b, c, H, Q, P)
+    # each chunk's own end state: the heads of a group stacked into one (R P, Q) @ (Q, N) product
+    w = xdt * torch.exp(cs[:, :, -1:] - cs)[..., None]
+    S = (w.view(b, c, Q, G, R * P).permute(0, 1, 3, 4, 2) @ Bc).view(b, c, H, P, N)
+    # chunk-to-chunk recurrence (few steps: L / chunk)
+    carry = torch.exp(cs[:, :, -1])                                        # (b, c, H)
+    h = x.new_zeros(b, H, P, N) if h0 is None else h0
+    starts = []
+    for k in range(c):
+        starts.append(h)
+        h = carry[:, k, :, None, None] * h + S[:, k]
+    starts = torch.stack(starts, 1).view(b, c, G, R * P, N)
+    y_off = (Cc @ starts.transpose(-1, -2)).view(b, c, G, Q, R, P)         # (b, c, G, Q, R, P)
+    y_off = y_off.permute(0, 1, 3, 2, 4, 5).reshape(b, c, Q, H, P) * torch.exp(cs)[..., None]
+    y = (y.permute(0, 1, 3, 2, 4) + y_off).reshape(b, c * Q, H, P)[:, :L]
+    return y, h
 
 
 def ssd_step(x, dt, a, B, C, h):
@@ -116,9 +111,11 @@ class SSD(Recurrent):
             a = -torch.exp(self.A_log.to(work))
             xh, Bg, Cg = self._split(x, B, C)
             h = None if state is None else state["ssm"].to(work)
-            if self._choose(x) == "recurrent":
-                if h is None:
-                    h = x.new_zeros(x.shape[0], self.A_log.shape[0], self.attrs["head_dim"], self.attrs["d_state"])
+            if h is None and (x.shape[1] == 0 or self._choose(x) == "recurrent"):
+                h = x.new_zeros(x.shape[0], self.A_log.shape[0], self.attrs["head_dim"], self.attrs["d_state"])
+            if x.shape[1] == 0:
+                y = xh.clone()
+            elif self._choose(x) == "recurrent":
                 ys = []
                 for t in range(x.shape[1]):
                     y_t, h = ssd_step(xh[:, t], dt[:, t], a, Bg[:, t], Cg[:, t], h)
