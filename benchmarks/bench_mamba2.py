@@ -6,7 +6,8 @@ same weights, all ratios measured in one run:
 * forward+backward at L = 2048 (seqc with the plan its planner picks);
 * seqc's chunked SSD plan versus its recurrence plan, forward+backward, L = 4096;
 * token-by-token decoding, time per token;
-* what the planner picks at each of those shapes.
+* what the planner picks for the SSD layer at lengths 1..1024 (training and
+  inference) against the measured faster plan.
 
     python -m benchmarks.bench_mamba2 [--repeat 5] [--chunk 64]
 Writes benchmarks/results/mamba2.json.
@@ -82,6 +83,38 @@ def planner_picks(ours, lengths, training):
     return {L: plan_for_shapes(node, PlanContext(length=None, backend="torch"), BATCH, L, training) for L in lengths}
 
 
+def measured_winners(lengths, repeat):
+    """The faster plan of the SSD layer alone (the benchmark's dimensions), by measurement."""
+    from seqc.backends.torch.base import LAYERS
+    H, P, G, N = CONFIG["num_heads"], CONFIG["head_dim"], CONFIG["n_groups"], CONFIG["state_size"]
+    out = {"training": {}, "inference": {}}
+    for L in lengths:
+        ins = [torch.randn(BATCH, L, H * P), torch.randn(BATCH, L, H), torch.randn(BATCH, L, G * N),
+               torch.randn(BATCH, L, G * N)]
+        layers = {}
+        for plan in ("scan", "recurrent"):
+            layer = LAYERS["ssd"]([H * P, H, G * N, G * N], dict(head_dim=P, d_state=N, n_groups=G, chunk=64,
+                                                                  plan=plan))
+            with torch.no_grad():
+                layer.A_log.copy_(torch.log(torch.arange(1.0, H + 1)))
+            layers[plan] = layer
+
+        def train(layer):
+            return lambda: layer(*ins).sum().backward()
+
+        def infer(layer):
+            def go():
+                with torch.no_grad():
+                    layer(*ins)
+            return go
+        for kind, make in (("training", train), ("inference", infer)):
+            t_scan, t_rec = compare_ms(make(layers["scan"]), make(layers["recurrent"]),
+                                       repeat=repeat if L <= 256 else 1)
+            out[kind][L] = {"scan_ms": t_scan, "recurrent_ms": t_rec,
+                            "winner": "scan" if t_scan < t_rec else "recurrent"}
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=5)
@@ -111,12 +144,20 @@ def main():
     out["decode_ms_per_token"] = {"seqc": d_sq, "transformers": d_hf, "ratio": d_sq / d_hf}
     print(f"decode per token: seqc {d_sq:.3f} ms  transformers {d_hf:.3f} ms  (seqc/transformers {d_sq / d_hf:.2f})")
 
-    lengths = (1, 16, 64, 256, 2048, 4096)
+    lengths = (1, 4, 16, 64, 256, 1024)
     picks = {"training": planner_picks(ours["auto"], lengths, True),
              "inference": planner_picks(ours["auto"], lengths, False)}
-    out["planner"] = picks
-    print("planner picks (training):", picks["training"])
-    print("planner picks (inference):", picks["inference"])
+    measured = measured_winners(lengths, args.repeat)
+    out["planner"] = {kind: {L: {"picked": picks[kind][L], **measured[kind][L]} for L in lengths}
+                      for kind in picks}
+    for kind in picks:
+        right = sum(picks[kind][L] == measured[kind][L]["winner"] for L in lengths)
+        print(f"planner ({kind}): right at {right} of {len(lengths)} lengths; "
+              + ", ".join(f"L={L} {picks[kind][L]}"
+                          + ("" if picks[kind][L] == measured[kind][L]["winner"] else
+                             f" (measured {measured[kind][L]['winner']}: scan {measured[kind][L]['scan_ms']:.2f} ms,"
+                             f" recurrent {measured[kind][L]['recurrent_ms']:.2f} ms)")
+                          for L in lengths))
     print("wrote", save("mamba2.json", out))
 
 

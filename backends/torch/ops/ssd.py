@@ -51,9 +51,9 @@ def ssd_chunked(x, dt, a, B, C, h0, chunk):
     carry = torch.exp(cs[:, :, -1])                                        # (b, c, H)
     h = x.new_zeros(b, H, P, N) if h0 is None else h0
     starts = []
-    for k in range(c):
+    for carry_k, S_k in zip(carry.unbind(1), S.unbind(1)):    # unbind: its backward is one stack
         starts.append(h)
-        h = carry[:, k, :, None, None] * h + S[:, k]
+        h = carry_k[:, :, None, None] * h + S_k
     starts = torch.stack(starts, 1).view(b, c, G, R * P, N)
     y_off = (Cc @ starts.transpose(-1, -2)).view(b, c, G, Q, R, P)         # (b, c, G, Q, R, P)
     y_off = y_off.permute(0, 1, 3, 2, 4, 5).reshape(b, c, Q, H, P) * torch.exp(cs)[..., None]
