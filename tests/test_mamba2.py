@@ -304,6 +304,8 @@ def test_planner_shows_both_faces_and_picks_chunked_for_training():
     opts, best, _ = choose(node, ctx)
     assert {o.plan for o in opts} == {"conv", "scan", "recurrent"} and best.plan == "scan"
     assert not next(o for o in opts if o.plan == "conv").legal
+    assert choose(node, PlanContext(batch=2, length=1, training=False))[1].plan == "recurrent"
+    assert choose(node, PlanContext(batch=2, length=64, training=False))[1].plan == "scan"
     text = explain(graph, ctx)
     assert "ssd" in text and "recurrent" in text and "<- chosen" in text
 

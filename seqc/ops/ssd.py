@@ -35,8 +35,10 @@ from .elementwise import softplus_fn
 from .selective_ssm import mamba_dt_bias
 
 PLANS = ("auto", "scan", "recurrent")
-BATCHED_OPS = 14      # the torch chunked plan's fixed number of batched ops (cost model's sequential steps)
-STEP_OPS = 6          # ops per time step of the recurrence
+# cost model: the torch chunked plan's fixed number of batched ops, plus two per chunk for the
+# chunk-to-chunk recurrence; ops per time step of the recurrence (fitted with benchmarks/bench_mamba2.py)
+BATCHED_OPS = 40
+STEP_OPS = 8
 
 
 def init_ssd(shapes, a, rng):
@@ -160,7 +162,7 @@ def plan_options(node, ctx, m) -> list[PlanOption]:
     scores = B * chunks * Q * Q * (H + G)                   # decay mask per head + C B^T per group
     elems = scores + 3 * B * chunks * Q * H * P + 2 * state * chunks + B * H * chunks ** 2 * P * N / max(Q, 1)
     ns = m["ns"]
-    scan = PlanOption("scan", BATCHED_OPS, elems, ns.get("ssd", ns["conv"]),
+    scan = PlanOption("scan", BATCHED_OPS + 2 * chunks, elems, ns.get("ssd", ns["conv"]),
                       2 * B * chunks * Q * Q * (G * N + H * P) + 4 * B * L * H * P * N,
                       s * elems, batched=True)
     rec = PlanOption("recurrent", L * STEP_OPS, 3 * B * L * H * P * N, ns["selective"], 4 * B * L * H * P * N,
