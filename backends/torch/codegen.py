@@ -24,7 +24,12 @@ class TorchRenderer(Renderer):
         return ["M = self.layer_modules"] if self.index else []
 
     def checks(self, program, step):
-        return [f"self.check_inputs({', '.join(program.inputs)}{', step=True' if step else ''})"]
+        ins = ', '.join(program.inputs)
+        return [f"self.check_inputs({ins}{', step=True' if step else ''})",
+                f"self.check_state(state, {program.inputs[0]}.shape[0])"]
+
+    def init_checks(self, program):
+        return ["self.check_batch(batch)"]
 
     def _mod(self, c: Call) -> str:
         return f"M[{self.index[c.name]}]"
