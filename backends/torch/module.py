@@ -62,6 +62,9 @@ class SeqcModule(nn.Module):
         object.__setattr__(self, "_inputs", declared_inputs(program.graph))
         object.__setattr__(self, "_vocab", token_vocabularies(program.graph))
         object.__setattr__(self, "_state_shapes", {})
+        # state keys a layer may add beyond its init_state (attention's ragged-length mask)
+        object.__setattr__(self, "_optional_state", {c.state_key: getattr(m, "optional_state", ())
+                                                     for c, m in zip(layers, self.layer_modules) if c.stateful})
         # follows .double() / .to(device) like a weight, so a model without weights knows its dtype
         self.register_buffer("_dtype_probe", torch.zeros(()), persistent=False)
 
@@ -117,9 +120,7 @@ class SeqcModule(nn.Module):
         want = self._state_shapes.get(batch)
         if want is None:
             want = self._state_shapes[batch] = _shapes(self.init_state(batch))
-        optional = {c.state_key: getattr(m, "optional_state", ())
-                    for c, m in zip(self.program.layers(), self.layer_modules) if c.stateful}
-        _match_state(state, want, "state", self.state_options()["device"], optional)
+        _match_state(state, want, "state", self.state_options()["device"], self._optional_state)
 
     def last_plans(self) -> dict:
         """{layer name: the plan it ran} for every layer with an execution plan, in program
