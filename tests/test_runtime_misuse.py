@@ -129,3 +129,13 @@ def test_a_ragged_attention_state_keeps_its_optional_key_but_typos_are_refused()
     m.step(x[:, 0], state=s)
     with pytest.raises(SeqcError, match=r"state\['attn'\] does not match the model's state: unknown keys \['vaild'\]"):
         m.step(x[:, 0], state={"attn": {**s["attn"], "vaild": s["attn"]["valid"]}})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_out_of_vocabulary_on_a_gpu_is_an_error_not_a_device_side_assert(tok):
+    m = seqc.compile(source=SPEC, device="cuda")
+    with pytest.raises(SeqcError, match="token id 10, outside the vocabulary"):
+        m(torch.tensor([[1, 10]], device="cuda"))
+    assert m(torch.tensor([[1, 9]], device="cuda")).shape == (1, 2, 8)     # the CUDA context still works
+    with pytest.raises(SeqcError, match="is on cpu but the model is on cuda"):
+        m(torch.tensor([[1, 2]]))
