@@ -12,7 +12,7 @@ import json
 import subprocess
 import sys
 
-from benchmarks.common import save
+from benchmarks.common import add_output_options, save, set_output
 
 CHILD = r"""
 import json, time
@@ -34,6 +34,10 @@ print(json.dumps({"import_s": t1 - t0, "cold_s": cold, "warm_s": warm, "phases_c
 
 
 def main():
+    import argparse
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_output_options(ap)
+    set_output(ap.parse_args())
     runs = []
     for _ in range(3):
         out = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, check=True)

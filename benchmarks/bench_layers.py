@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import seqc
-from benchmarks.common import RESULTS, compare_ms, median_ms, save
+from benchmarks.common import add_output_options, compare_ms, median_ms, output_dir, save, set_output
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -111,7 +111,9 @@ def plot(table, path):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer lengths and repeats")
+    add_output_options(ap)
     args = ap.parse_args()
+    set_output(args)
     torch.manual_seed(0)
     repeat = 3 if args.quick else 9
     result = {"torch_threads": torch.get_num_threads()}
@@ -128,8 +130,7 @@ def main():
     lengths = (64, 256, 1024, 4096) if args.quick else (64, 256, 1024, 4096, 8192)
     print("scaling (forward ms) at L =", " ".join(f"{L:9d}" for L in lengths))
     result["scaling"] = scaling(lengths, 2 if args.quick else 3)
-    png = os.path.join(RESULTS, "scaling.png")
-    os.makedirs(RESULTS, exist_ok=True)
+    png = os.path.join(output_dir(), "scaling.png")
     plot(result["scaling"], png)
     print("wrote", save("layers.json", result), "and", png)
 

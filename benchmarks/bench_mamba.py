@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from benchmarks.common import in_subprocess, median_ms, peak_mb, rss_mb, save
+from benchmarks.common import add_output_options, in_subprocess, median_ms, peak_mb, rss_mb, save, set_output
 
 D_MODEL, N_LAYERS, D_STATE, BATCH = 64, 2, 16, 2
 
@@ -98,7 +98,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lengths", default="1024,4096")
     ap.add_argument("--repeat", type=int, default=5)
+    add_output_options(ap)
     args = ap.parse_args()
+    set_output(args)
     torch.manual_seed(0)
     ms = models()
     rows = []

@@ -2,16 +2,18 @@
 plans (FFT convolution, chunked scan, plain recurrence) over a sweep of
 lengths and report the measured crossover next to the planner's prediction.
 
-    python benchmarks/bench_plans.py [--lengths 16,64,...] [--batch 1] [--out benchmarks/results/plans.json]
+    python -m benchmarks.bench_plans [--lengths 16,64,...] [--batch 1] [--train] [--save | --out DIR]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 
 import torch
 
 import seqc
+from benchmarks.common import add_output_options, output_dir, set_output
 from seqc.benchmark import median_ms
 from seqc.passes import PlanContext
 from seqc.backend import get_backend
@@ -25,8 +27,9 @@ def main():
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--train", action="store_true", help="time forward+backward instead of forward")
-    ap.add_argument("--out", default="benchmarks/results/plans.json")
+    add_output_options(ap)
     args = ap.parse_args()
+    set_output(args)
     torch.manual_seed(0)
     lengths = [int(x) for x in args.lengths.split(",")]
     plans = ("conv", "scan", "recurrent")
@@ -62,8 +65,10 @@ def main():
               + f" {winner:>10} {best.plan:>10}")
     agree = sum(r["measured_winner"] == r["predicted_winner"] for r in rows)
     print(f"planner picked the measured winner at {agree}/{len(rows)} lengths")
-    with open(args.out, "w") as f:
+    path = os.path.join(output_dir(), "plans_train.json" if args.train else "plans.json")
+    with open(path, "w") as f:
         json.dump(dict(spec=args.spec, batch=args.batch, train=args.train, rows=rows), f, indent=1)
+    print("wrote", path)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import in_subprocess, median_ms, save
+from benchmarks.common import add_output_options, in_subprocess, median_ms, save, set_output
 
 BATCH, D, N = 2, 128, 16
 METHODS = ("seqc", "seqc-torch", "mambapy-pscan", "loop")
@@ -113,7 +113,9 @@ def main(argv=None):
     ap.add_argument("--repeat", type=int, default=9)
     ap.add_argument("--no-loop", action="store_true", help="skip the slow plain loop")
     ap.add_argument("--probe", nargs=2, metavar=("METHOD", "L"), help=argparse.SUPPRESS)
+    add_output_options(ap)
     a = ap.parse_args(argv)
+    set_output(a)
     if a.probe:
         print(json.dumps(memory_probe(a.probe[0], int(a.probe[1]))))
         return

@@ -1,5 +1,9 @@
 """Benchmark helpers: median timing, peak-memory measurement in a fresh
-subprocess, and JSON output."""
+subprocess, and JSON output.
+
+Results go to a temporary directory by default; only ``--save`` writes into
+``benchmarks/results/`` (the committed results the README quotes), and ``--out
+DIR`` picks another directory (``add_output_options`` / ``set_output``)."""
 from __future__ import annotations
 
 import json
@@ -7,11 +11,13 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 from seqc.benchmark import median_ms  # noqa: F401  (one timer for `seqc bench` and these scripts)
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+_OUT = [None]          # the directory set_output chose; None: a temporary directory
 
 
 def compare_ms(fa, fb, repeat=7):
@@ -46,9 +52,31 @@ def in_subprocess(module: str, *args) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def add_output_options(ap) -> None:
+    """--save (write into benchmarks/results/, overwriting the committed results) and --out DIR."""
+    ap.add_argument("--save", action="store_true",
+                    help="write the results into benchmarks/results/ (replaces the committed ones)")
+    ap.add_argument("--out", metavar="DIR", default=None,
+                    help="directory for the results (default: a temporary directory)")
+
+
+def set_output(args) -> str:
+    """Choose the results directory from parsed --save / --out; returns it."""
+    if args.save and args.out:
+        raise SystemExit("give --save or --out, not both")
+    _OUT[0] = RESULTS if args.save else args.out
+    return output_dir()
+
+
+def output_dir() -> str:
+    """Where results are written: benchmarks/results/ only after --save."""
+    path = _OUT[0] or os.path.join(tempfile.gettempdir(), "seqc-benchmarks")
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
 def save(name: str, data) -> str:
-    os.makedirs(RESULTS, exist_ok=True)
-    path = os.path.join(RESULTS, name)
+    path = os.path.join(output_dir(), name)
     with open(path, "w") as f:
         json.dump(data, f, indent=1)
     return path

@@ -1,5 +1,6 @@
-"""`seqc bench`: time a compiled spec per plan - forward, forward+backward and
-per-token decoding - with a progress line on stderr and a table."""
+"""`seqc bench`: time a compiled spec per plan - forward and forward+backward
+(interleaved, same warm-up and repeats, median with min and max) and per-token
+decoding - with a progress line on stderr and a table."""
 from __future__ import annotations
 
 import statistics
@@ -22,6 +23,22 @@ def median_ms(fn, repeat=5, warmup=1):
         fn()
         out.append(time.perf_counter() - t0)
     return statistics.median(out) * 1e3
+
+
+def spread_ms(fns: dict, repeat=5, warmup=1) -> dict:
+    """{name: {"min", "median", "max"}} wall times in ms of several functions timed
+    interleaved (each round calls every function once, so warm-up, drift and caches
+    treat them alike), after the same ``warmup`` rounds for all."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times = {k: [] for k in fns}
+    for _ in range(repeat):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append((time.perf_counter() - t0) * 1e3)
+    return {k: {"min": min(v), "median": statistics.median(v), "max": max(v)} for k, v in times.items()}
 
 
 def _progress(i, total, label):
@@ -61,13 +78,20 @@ def bench(spec, params=None, *, backend="torch", length=1024, batch=2, repeat=3,
         (x,) = be.inputs(model, random_inputs(g, batch, length, np.random.default_rng(0)))
         plans = ",".join(sorted({str(m.meta["plan"]) for m in g.order() if "plan" in m.meta})) or "-"
         row = {"mode": mode, "plans": plans}
-        _progress(k, total, f"{mode}: forward")
-        with be.inference():
-            row["forward_ms"] = median_ms(lambda: model(x), repeat)
-        k += 1
-        _progress(k, total, f"{mode}: forward+backward")
-        row["fwd_bwd_ms"] = median_ms(lambda: be.backward(model, model(x)), repeat) if be.autograd else float("nan")
-        k += 1
+        _progress(k, total, f"{mode}: forward, forward+backward")
+
+        def forward():
+            with be.inference():
+                model(x)
+        fns = {"forward": forward}
+        if be.autograd:
+            fns["fwd_bwd"] = lambda: be.backward(model, model(x))
+        t = spread_ms(fns, repeat, warmup=2)
+        for key in ("forward", "fwd_bwd"):
+            for stat in ("min", "median", "max"):
+                row[f"{key}_{stat}_ms"] = t[key][stat] if key in t else float("nan")
+            row[f"{key}_ms"] = row[f"{key}_median_ms"]
+        k += 2
         _progress(k, total, f"{mode}: step")
 
         def decode():
@@ -83,9 +107,14 @@ def bench(spec, params=None, *, backend="torch", length=1024, batch=2, repeat=3,
 
 
 def table(rows) -> str:
-    head = f"{'mode':<10} {'plans':<16} {'forward ms':>11} {'fwd+bwd ms':>11} {'step ms/token':>14}"
+    """Median (min-max) per mode; forward and forward+backward were timed interleaved with
+    the same warm-up and repeats."""
+    def cell(r, key):
+        return f"{r[key + '_median_ms']:.2f} ({r[key + '_min_ms']:.2f}-{r[key + '_max_ms']:.2f})"
+    head = (f"{'mode':<10} {'plans':<16} {'forward ms median (min-max)':>30} {'fwd+bwd ms median (min-max)':>30} "
+            f"{'step ms/token':>14}")
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r['mode']:<10} {r['plans']:<16} {r['forward_ms']:>11.2f} {r['fwd_bwd_ms']:>11.2f} "
+        lines.append(f"{r['mode']:<10} {r['plans']:<16} {cell(r, 'forward'):>30} {cell(r, 'fwd_bwd'):>30} "
                      f"{r['step_ms']:>14.3f}")
     return "\n".join(lines)

@@ -47,6 +47,10 @@ class Renderer:
         """Lines run first in forward / step (e.g. input validation)."""
         return []
 
+    def init_checks(self, program: Program) -> list[str]:
+        """Lines run first in init_state (e.g. the batch's validation)."""
+        return []
+
     def call(self, c: Call, state_in: str | None, step: bool) -> str:
         raise NotImplementedError
 
@@ -112,6 +116,8 @@ def generate(program: Program, r: Renderer, trace: bool = False) -> str:
 
     # a fresh recurrent state
     emit(f"def init_state({r.self_arg}batch{r.weights_arg}):")
+    for line in r.init_checks(program):
+        emit("    " + line)
     for p in prologue:
         emit("    " + p)
     emit("    return {")

@@ -54,7 +54,20 @@ def compile(spec, backend: str = "torch", params: dict | None = None, mode: str 
     be = get_backend(backend)
     program = lower(graph)
     check_supported(be, program)
+    check_memory(graph, be, length, batch, dtype)       # before any weight is allocated
     return be.build(program, seed=seed, device=device or "cpu", dtype=dtype)
+
+
+def check_memory(graph, be, length, batch, dtype) -> None:
+    """Refuse (SeqcError naming SEQC_MAX_MEMORY) a model whose weights - and, when
+    ``length`` is given, one forward pass's activations at ``batch`` x ``length`` - would
+    not fit, as ``seqc run`` does, before the backend allocates anything."""
+    from dataclasses import replace
+
+    from .memory import check_fits, estimate
+    itemsize = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}.get(dtype or be.default_dtype, 4)
+    est = estimate(graph, batch, length or 1, itemsize)
+    check_fits(est if length is not None else replace(est, activations=0), flag=None)
 
 
 def check_supported(be, program) -> None:

@@ -182,3 +182,29 @@ def test_pytorch_default_rules():
     np.testing.assert_array_equal(ln["bias"], 0.0)
     emb = layer("embedding", (1, 1), vocab=5000, dim=8)["weight"]
     assert abs(emb.std() - 1) < 0.02 and abs(emb.mean()) < 0.02
+
+
+@pytest.mark.parametrize("N", [4, 16, 64])
+def test_s4d_legs_scales_each_mode_by_the_diagonalised_hippo_b(N):
+    """S4D-LegS: mode n's input is scaled by |B~_n|, B~ = V^H B with V the eigenvectors of
+    HiPPO-LegS's normal part.  The reference diagonalises S = A + P P^T with a general
+    eigensolver from the definition (not the code's Hermitian route), matches modes by
+    eigenvalue, and reads the folded scale as |C_legs| / |C_lin| for the same random draw."""
+    A, B = hippo_from_definition(N)
+    P = np.sqrt(np.arange(N) + 0.5)
+    w, V = np.linalg.eig(A + np.outer(P, P))
+    legs = layer("ssm", (1, 1, 3), seed=7, d_state=N, init="hippo-legs")
+    lin = layer("ssm", (1, 1, 3), seed=7, d_state=N, init="s4d-lin")
+    np.testing.assert_array_equal(legs["log_dt"], lin["log_dt"])          # the same draws, in the same order
+    mag = lambda c: np.hypot(c[..., 0], c[..., 1])                        # noqa: E731
+    ratio = mag(legs["C"]) / mag(lin["C"])                                # (H, N/2)
+    for m, lam in enumerate(legs["A_imag"][0]):
+        k = np.argmin(np.abs(w.imag - lam))
+        assert abs(w[k].imag - lam) < 1e-8 * N and abs(w[k].real + 0.5) < 1e-8
+        v = V[:, k] / np.linalg.norm(V[:, k])
+        want = abs(np.vdot(v, B))
+        np.testing.assert_allclose(ratio[:, m], want, rtol=1e-9)
+    assert ratio.std(axis=0).max() < 1e-12 and np.ptp(ratio[0]) > 0.1 * ratio[0].max()   # per mode, not uniform
+    # the phase of each C entry is untouched (only |B~_n| is folded)
+    ang = lambda c: np.arctan2(c[..., 1], c[..., 0])                      # noqa: E731
+    np.testing.assert_allclose(ang(legs["C"]), ang(lin["C"]), atol=1e-12)

@@ -42,3 +42,18 @@ def test_readme_tour_compiles_and_matches_the_shipped_block():
     assert sorted(mine.weights) == sorted(shipped.weights)
     x = np.random.default_rng(0).standard_normal((2, 7, 64))
     np.testing.assert_allclose(mine(x, shipped.weights), shipped(x, shipped.weights), atol=1e-12)
+
+
+def test_default_install_brings_the_fast_cpu_path_and_pins_agree():
+    """numba (the CPU selective-scan kernels) is a default dependency, and every version pinned for CI
+    satisfies the range pyproject declares for it (a pin outside its range would be a broken install)."""
+    from packaging.requirements import Requirement
+    text = open(os.path.join(ROOT, "pyproject.toml")).read()
+    block = re.search(r"^dependencies = \[(.*?)\]", text, re.S | re.M).group(1)
+    deps = {r.name: r for r in (Requirement(s) for s in re.findall(r'"([^"]+)"', block))}
+    assert "numba" in deps
+    pins = dict(line.split("==") for line in open(os.path.join(ROOT, "requirements-ci.txt"))
+                if "==" in line and not line.startswith("#"))
+    for name, req in deps.items():
+        assert name in pins, f"{name} is a dependency but not pinned for CI"
+        assert req.specifier.contains(pins[name].strip()), (name, str(req.specifier), pins[name])

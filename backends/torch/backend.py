@@ -32,8 +32,9 @@ class TorchBackend(Backend):
         return call.op in (LAYERS if call.is_layer else FUNCTIONS)
 
     def emit(self, program) -> str:
-        from .codegen import emit
-        return emit(program)
+        """A file that runs on its own: imports, the generated class, ``build(program)``."""
+        from .codegen import standalone
+        return standalone(program)
 
     def build(self, program, weights=None, *, seed=0, device="cpu", dtype=None):
         import torch

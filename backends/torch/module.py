@@ -60,6 +60,11 @@ class SeqcModule(nn.Module):
         # the layers in program order, for the generated code (not registered twice)
         object.__setattr__(self, "_layer_paths", tuple(tuple(c.name.split(".")) for c in layers))
         object.__setattr__(self, "_inputs", declared_inputs(program.graph))
+        object.__setattr__(self, "_vocab", token_vocabularies(program.graph))
+        object.__setattr__(self, "_state_shapes", {})
+        # state keys a layer may add beyond its init_state (attention's ragged-length mask)
+        object.__setattr__(self, "_optional_state", {c.state_key: getattr(m, "optional_state", ())
+                                                     for c, m in zip(layers, self.layer_modules) if c.stateful})
         # follows .double() / .to(device) like a weight, so a model without weights knows its dtype
         self.register_buffer("_dtype_probe", torch.zeros(()), persistent=False)
 
@@ -76,8 +81,57 @@ class SeqcModule(nn.Module):
         return tuple(out)
 
     def check_inputs(self, *xs, step: bool = False) -> None:
-        """Inputs must match the spec's declared shapes (symbols bound consistently) and element types."""
+        """Inputs must be torch tensors on the model's device, match the spec's declared shapes
+        (symbols bound consistently) and element types; float inputs must have the model's
+        dtype (no silent conversion: ``x.to(dtype)`` or ``model.to(dtype)``); token ids must
+        lie in ``[0, vocab)`` of every embedding that reads them."""
+        opts = self.state_options()
+        for x, (name, _, _) in zip(xs, self._inputs):
+            if not isinstance(x, torch.Tensor):
+                raise SeqcError(f"input '{name}' is a {type(x).__module__}.{type(x).__name__}, not a torch tensor; "
+                                f"convert it with torch.as_tensor(...) (the torch backend does not convert inputs)")
         check_inputs(self._inputs, xs, step=step)
+        for x, (name, _, dtype) in zip(xs, self._inputs):
+            if x.device != opts["device"]:
+                raise SeqcError(f"input '{name}' is on {x.device} but the model is on {opts['device']}; "
+                                f"move one of them (x.to('{opts['device']}') or model.to('{x.device}'))")
+            if dtype != "int" and x.dtype != opts["dtype"]:
+                raise SeqcError(f"input '{name}' is {x.dtype} but the model computes in {opts['dtype']}; "
+                                f"convert the input (x.to({opts['dtype']})) or the model (model.to({x.dtype}))")
+            if name in self._vocab:
+                _check_tokens(name, x, self._vocab[name])
+
+    def check_batch(self, batch) -> None:
+        """``init_state``'s batch: a non-negative Python int."""
+        if isinstance(batch, torch.Tensor) and batch.dim() == 0 and not batch.is_floating_point():
+            batch = int(batch)
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 0:
+            raise SeqcError(f"init_state(batch): batch must be a non-negative int, got {batch!r}")
+
+    def check_state(self, state, batch) -> None:
+        """A state handed to forward / step must have exactly the keys, nesting and tensor
+        shapes of ``init_state(batch)`` (a dimension it leaves at 0 is a cache that grows
+        and may have any size) (a state with unknown or missing keys would otherwise
+        be ignored and the run start from zeros), on the model's device."""
+        if state is None:
+            return
+        if not isinstance(state, dict):
+            raise SeqcError(f"state must be the dict init_state() or a previous call returned, got {type(state).__name__}")
+        want = self._state_shapes.get(batch)
+        if want is None:
+            want = self._state_shapes[batch] = _shapes(self.init_state(batch))
+        _match_state(state, want, "state", self.state_options()["device"], self._optional_state)
+
+    def last_plans(self) -> dict:
+        """{layer name: the plan it ran} for every layer with an execution plan, in program
+        order: the plan of its most recent call where the layer chooses per call
+        (``last_plan``, None before its first call), else the plan compiled into it."""
+        out = {}
+        for call, mod in zip(self.program.layers(), self.layer_modules):
+            plan = getattr(mod, "last_plan", None) or getattr(mod, "plan", None) or call.plan
+            if plan is not None:
+                out[call.name] = None if plan == "auto" else plan
+        return out
 
     def state_options(self) -> dict:
         p = next((p for p in self.parameters() if p.is_floating_point()), self._dtype_probe)
@@ -107,6 +161,70 @@ class SeqcModule(nn.Module):
                     raise SeqcError(f"weight '{k}' has shape {tuple(v.shape)}, expected {tuple(t.shape)}")
                 t.copy_(v.to(t.dtype))
         return self
+
+
+def token_vocabularies(graph) -> dict:
+    """{input name: the smallest vocabulary of the embeddings that read it}."""
+    out = {}
+    for nid in graph.inputs:
+        vocabs = [u.attrs["vocab"] for u in graph.users(nid) if u.op == "embedding"]
+        if vocabs:
+            out[graph.nodes[nid].attrs["name"]] = int(min(vocabs))
+    return out
+
+
+@torch.compiler.disable       # reads two numbers back from the device; torch.compile guards the rest
+def _check_tokens(name, x, vocab) -> None:
+    """Token ids outside [0, vocab) are a user error here, not an IndexError (or, on a GPU,
+    a device-side assert that poisons the CUDA context) inside the embedding."""
+    if x.numel() == 0:
+        return
+    lo, hi = (int(v) for v in torch.aminmax(x))
+    if lo < 0 or hi >= vocab:
+        bad = lo if lo < 0 else hi
+        raise SeqcError(f"input '{name}' holds token id {bad}, outside the vocabulary [0, {vocab})")
+
+
+def _shapes(state):
+    """The nesting of a state with every tensor replaced by its shape."""
+    if isinstance(state, dict):
+        return {k: _shapes(v) for k, v in state.items()}
+    if isinstance(state, (tuple, list)):
+        return tuple(_shapes(v) for v in state)
+    return tuple(state.shape) if isinstance(state, torch.Tensor) else state
+
+
+def _match_state(got, want, where, device, optional=None) -> None:
+    """``got`` has ``want``'s nesting and shapes; ``optional`` ({layer key: extra keys the
+    layer may add}, at the top level only) names keys beyond init_state's that are allowed."""
+    if isinstance(want, dict):
+        if not isinstance(got, dict):
+            raise SeqcError(f"{where} must be a dict with keys {sorted(want)}, got {type(got).__name__}")
+        extra = set() if isinstance(optional, dict) else set(optional or ())
+        unknown, missing = sorted(set(got) - set(want) - extra, key=str), sorted(set(want) - set(got), key=str)
+        if unknown or missing:
+            raise SeqcError(f"{where} does not match the model's state: "
+                            + ", ".join(x for x in (f"unknown keys {unknown}" if unknown else "",
+                                                    f"missing keys {missing}" if missing else "") if x)
+                            + f" (expected {sorted(want, key=str)}; start from model.init_state(batch))")
+        for k in want:
+            _match_state(got[k], want[k], f"{where}[{k!r}]", device,
+                         optional.get(k, ()) if isinstance(optional, dict) else None)
+        return
+    if isinstance(want, tuple) and want and not all(isinstance(d, int) for d in want):
+        if not isinstance(got, (tuple, list)) or len(got) != len(want):
+            raise SeqcError(f"{where} must be a sequence of {len(want)} tensors")
+        for i, (g, w) in enumerate(zip(got, want)):
+            _match_state(g, w, f"{where}[{i}]", device)
+    elif isinstance(want, tuple):
+        if not isinstance(got, torch.Tensor):
+            raise SeqcError(f"{where} must be a tensor of shape {want}, got {type(got).__name__}")
+        # a dimension init_state leaves empty grows with the sequence (a key/value cache)
+        if got.dim() != len(want) or any(w and g != w for g, w in zip(got.shape, want)):
+            raise SeqcError(f"{where} has shape {tuple(got.shape)}, expected {want} "
+                            f"(what init_state(batch) gives for the input's batch)")
+        if got.device != device:
+            raise SeqcError(f"{where} is on {got.device} but the model is on {device}")
 
 
 def _table_planner(table):

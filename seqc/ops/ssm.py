@@ -95,13 +95,29 @@ _DIAG_A = {
 }
 
 
+def legs_input_scale(N: int) -> np.ndarray:
+    """|B~_n| for S4D-LegS: HiPPO-LegS's B in the eigenbasis of its normal part,
+    B~ = V^H B (V from ``hippo_legs_normal``), one magnitude per kept mode (N/2,)."""
+    _, V = hippo_legs_normal(N)
+    return np.abs(V.conj().T @ hippo_legs(N)[1])
+
+
 def _init_diag(shapes, a, rng):
-    """S4D: A from `init`, log_dt ~ U[log dt_min, log dt_max], C ~ CN(0, 1), D ~ N(0, 1)."""
+    """S4D: A from `init`, log_dt ~ U[log dt_min, log dt_max], C ~ CN(0, 1), D ~ N(0, 1).
+
+    The diag kind has no B parameter (S4D's B is all ones and C absorbs it): with
+    ``init = hippo-legs`` (S4D-LegS) mode n's input scale |B~_n| from diagonalising
+    HiPPO-LegS's B (``legs_input_scale``) is folded into C, i.e. C_n ~ |B~_n| CN(0, 1).
+    Only the magnitude is folded: B~_n's phase depends on the eigenvectors' arbitrary
+    phases, and C's distribution is invariant under a phase anyway."""
     H, M = shapes["log_A_real"]
     A = _DIAG_A[a["init"]](H, 2 * M)
+    C = rng.normal(0.0, math.sqrt(0.5), (H, M, 2))
+    if a["init"] == "hippo-legs":
+        C = C * legs_input_scale(2 * M)[None, :, None]
     return {"log_dt": log_uniform_log(rng, a["dt_min"], a["dt_max"], H),
             "log_A_real": np.log(-A.real), "A_imag": A.imag.copy(),
-            "C": rng.normal(0.0, math.sqrt(0.5), (H, M, 2)), "D": rng.standard_normal(H)}
+            "C": C, "D": rng.standard_normal(H)}
 
 
 def _init_dense(shapes, a, rng):

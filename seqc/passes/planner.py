@@ -69,6 +69,11 @@ def choose(node, ctx):
             raise SeqcError(f"plan={forced} is not available for {node.op}" + (f": {why}" if why else ""),
                             node.span)
     best = min(legal, key=lambda o: o.seconds(m))
+    if forced != "auto":            # compile(mode=...) names a plan this layer cannot run
+        why = next((o.why for o in opts if o.plan == forced), "") or f"{node.op} has no {forced} plan"
+        return opts, best, f"mode={forced} is not available ({why}); {'only legal plan' if len(legal) == 1 else 'cheapest'}"
+    if len(opts) == 1:
+        return opts, best, f"the only plan {node.op} has"
     if len(legal) == 1:
         return opts, best, "only legal plan"
     runner = sorted(legal, key=lambda o: o.seconds(m))[1]
@@ -87,6 +92,7 @@ def plan(g, ctx):
     for n in g.order():
         if n.spec is None or n.spec.plan_options is None:
             continue
+        _warn_unavailable_mode(n, ctx)
         if ctx.length is None:
             guesses = {choose(n, replace(ctx, length=L))[1].plan for L in (16, 1024, 65536)}
             if len(guesses) > 1:
@@ -100,6 +106,24 @@ def plan(g, ctx):
         n.meta["plan"] = best.plan
         n.meta["plan_reason"] = reason
     return g
+
+
+def _warn_unavailable_mode(n, ctx) -> None:
+    """``mode=conv`` (or any forced mode) on a layer that has other plans but not that one
+    is a located warning naming the layer and the plan it runs instead, never a silent
+    fallback.  Layers with a single plan (LSTM, attention) are not warned about."""
+    if ctx.mode == "auto" or n.attrs.get("plan", "auto") != "auto":
+        return
+    opts = options_for(n, replace(ctx, length=ctx.length or 1024))
+    if len(opts) < 2 or any(o.plan == ctx.mode and o.legal for o in opts):
+        return
+    import warnings
+
+    from ..errors import SeqcWarning
+    why = next((o.why for o in opts if o.plan == ctx.mode), "") or f"{n.op} has no {ctx.mode} plan"
+    others = "/".join(o.plan for o in opts if o.legal)
+    warnings.warn(SeqcWarning(f"mode={ctx.mode} cannot apply to {n.op} layer '{n.name or '%' + str(n.id)}' ({why}); "
+                              f"it runs its cheapest plan of {others} instead", n.span), stacklevel=3)
 
 
 def plan_for_shapes(node, ctx, batch: int, length: int, training: bool) -> str:
@@ -143,7 +167,8 @@ def plan_table(node, ctx) -> PlanTable:
 
 
 def explain(g, ctx) -> str:
-    """A table per layer: options, predicted cost, winner."""
+    """A table per layer with a choice of plans (options, predicted cost, winner), and
+    one line per single-plan layer (LSTM, GRU, attention): its plan and why."""
     m = _machine(ctx)
     lines = [f"plans for batch={ctx.batch} length={ctx.length} backend={ctx.backend} device={ctx.device} "
              f"dtype={ctx.dtype} {'training' if ctx.training else 'inference'}",
@@ -151,9 +176,15 @@ def explain(g, ctx) -> str:
              + ", ".join(f"{k} {v:g}" for k, v in m["ns"].items()) + f"; last-level cache {m['llc'] >> 20} MiB"]
     for n in g.order():
         opts, best, reason = choose(n, ctx)
-        if not opts or len(opts) == 1:
+        if not opts:
             continue
-        attrs = ", ".join(f"{k}={v}" for k, v in sorted(n.attrs.items()) if k in ("kind", "d_state", "disc"))
+        attrs = ", ".join(f"{k}={v}" for k, v in sorted(n.attrs.items())
+                          if k in ("kind", "d_state", "disc", "hidden", "layers", "heads"))
+        if len(opts) == 1:          # LSTM, GRU, attention: one plan, nothing to weigh
+            lines += ["", f"{n.name or '%' + str(n.id)}: {n.op} [{attrs}]",
+                      f"  plan: {best.plan} ({reason}: one kernel over the whole sequence, nothing to weigh; "
+                      f"step() is its token-by-token face)"]
+            continue
         lines += ["", f"{n.name or '%' + str(n.id)}: {n.op} [{attrs}]",
                   f"  {'plan':<10} {'seq.steps':>10} {'elements':>12} {'ns/elem':>8} {'GFLOP':>9} "
                   f"{'memory MB':>10} {'predicted':>11}"]

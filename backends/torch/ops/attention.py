@@ -35,6 +35,7 @@ class Attention(Recurrent):
     in the default configuration); the state is a KV cache that later chunks and steps attend over."""
 
     op = "attention"
+    optional_state = ("valid",)       # state keys a call may add beyond init_state's (ragged lengths)
     PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
     def _build(self, shapes):
