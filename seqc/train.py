@@ -447,7 +447,7 @@ def run_command(args) -> int:
                               eval_every=args.eval_every, eval_size=args.eval_size, seed=args.seed,
                               n_tokens=args.n_tokens, n_data=args.n_data, extrapolate=ext,
                               params=_params(args.param))
-    label = os.path.splitext(os.path.basename(args.file))[0]
+    label = os.path.splitext(os.path.basename(str(args.file)))[0]
     out = args.out or os.path.join("runs", cfg.task, label + ("" if profile == "default" else "-" + profile))
     if args.stop_after is not None and args.stop_after < 1:
         raise SeqcError(f"--stop-after must be a positive integer, got {args.stop_after}")
