@@ -30,6 +30,14 @@ MAX_CONFIG = 4 * 2 ** 20
 _WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 
 
+
+def _special_floats(obj: dict):
+    """transformers writes non-finite floats into config.json as {"__float__": "Infinity"}."""
+    if set(obj) == {"__float__"} and obj["__float__"] in ("Infinity", "-Infinity", "NaN"):
+        return float(obj["__float__"].replace("Infinity", "inf"))
+    return obj
+
+
 def read_config(directory) -> dict:
     """config.json of a save_pretrained directory, as a dict."""
     path = os.path.join(directory, "config.json")
@@ -39,7 +47,7 @@ def read_config(directory) -> dict:
         raise SeqcError(f"{path} is larger than {MAX_CONFIG} bytes; not a model config")
     try:
         with open(path, encoding="utf-8") as f:
-            config = json.load(f)
+            config = json.load(f, object_hook=_special_floats)
     except (ValueError, UnicodeDecodeError) as e:
         raise SeqcError(f"{path} is not valid JSON: {str(e)[:200]}") from None
     if not isinstance(config, dict):
