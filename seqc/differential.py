@@ -38,12 +38,13 @@ DTYPES = ("float64", "float32", "bfloat16")
 #   value: max|a - b| <= value * max(|a|, |b|), per node and for step-vs-forward
 #          (measured: float64 1.6e-15, float32 4.6e-7, bfloat16 9.6e-3)
 #   grad:  the same, for gradient tensors between two autograd backends
-#          (measured: float64 6.4e-16, float32 3.3e-7, bfloat16 2.1e-7)
+#          (measured: float64 6.4e-16, float32 3.3e-7 between torch plans, 1.3e-5 for torch vs the
+#          Triton kernels on s4d's log_A_real - a scan against the FFT convolution - so 5e-5 there)
 #   fd:    |fd - <g, v>| <= fd * ||g * v|| for the oracle's central directional derivative, whose own
 #          truncation error dominates in float64 (measured: float64 2.1e-6, float32 4.3e-6, bfloat16 1.5e-2)
 TOLERANCES = {
     "float64": {"value": 1e-10, "grad": 1e-10, "fd": 2e-5},
-    "float32": {"value": 1e-5, "grad": 1e-5, "fd": 5e-5},
+    "float32": {"value": 1e-5, "grad": 5e-5, "fd": 5e-5},
     "bfloat16": {"value": 2e-2, "grad": 5e-2, "fd": 5e-2},
 }
 FD_FLOOR = 1e-6      # directional errors are relative to at least this share of the largest |g * v|
