@@ -128,9 +128,13 @@ class Layer(nn.Module):
             self.plan = plan
         self.plan_table = getattr(call, "plan_table", None)
         self.region = getattr(call, "region", None)
-        disc = getattr(call, "disc", None)
-        if disc is not None:
-            self.discretize_fn = disc.compile("torch")
+        self.set_discretization(getattr(call, "disc", None))
+
+    def set_discretization(self, program) -> None:
+        """Keep the call's discretization program and its torch function, compiled once here
+        (no sympy at run time); None leaves the layer deriving it from its ``disc`` attribute."""
+        self.disc_program = program
+        self.discretize_fn = None if program is None else program.compile("torch")
 
     def __init__(self, in_features, attrs: dict):
         super().__init__()

@@ -61,18 +61,6 @@ class SelectiveSSM(Recurrent):
         self.disc_program = None     # DiscProgram (configure); None: derived from attrs["disc"]
         self.discretize_fn = None
 
-    def configure(self, call):
-        """Take the lowered call's discretization program and fusion region."""
-        base = getattr(super(), "configure", None)
-        if base is not None:
-            base(call)
-        self.region = getattr(call, "region", None)
-        self.set_discretization(getattr(call, "disc", None))
-
-    def set_discretization(self, program):
-        self.disc_program = program
-        self.discretize_fn = None if program is None else program.compile("torch")
-
     def state_dtype(self, dtype):
         return accumulator_dtype(dtype)
 

@@ -96,7 +96,7 @@ def _build(tmp) -> dict[str, Case]:
     secret_file = w(j("private", "secret.txt"), f"TOKEN={SECRET}\nmore {SECRET}\n")
     w(j("private", "secret.seq"), f"model Secret() {{\n  input x: [B, L, 4]\n  return x\n}}\n# {SECRET}\n")
     w(j("proj", "lib", "blocks.seq"), "block Id() {\n  input x: [B, L, 8]\n  return x\n}\n")
-    w(j("proj", "shared.seq"), "block Shared() {\n  input x: [B, L, 8]\n  return x\n}\n")
+    w(j("proj", "common.seq"), "block Shared() {\n  input x: [B, L, 8]\n  return x\n}\n")
     os.symlink(secret_file, j("proj", "sub", "evil.seq")) if os.makedirs(j("proj", "sub"), exist_ok=True) is None \
         else None
     inc = lambda path, extra="": w(j("proj", "sub", f"inc{abs(hash(path)) % 10**8}.seq"),  # noqa: E731
@@ -114,9 +114,9 @@ def _build(tmp) -> dict[str, Case]:
                                            stderr=r"outside the include roots; pass its directory with -I DIR")
     cases["include_absolute"] = Case(["check", inc(j("private", "secret.seq"))], stderr="an absolute path is outside")
     cases["include_symlink_out"] = Case(["check", inc("evil.seq")], stderr="outside the include roots")
-    cases["include_dotdot_with_I"] = Case(["check", inc("../shared.seq"), "-I", j("proj")], rc=0, stdout=": ok:")
+    cases["include_dotdot_with_I"] = Case(["check", inc("../common.seq"), "-I", j("proj")], rc=0, stdout=": ok:")
     cases["include_search_path"] = Case(["check", inc("blocks.seq"), "-I", j("proj", "lib")], rc=0, stdout=": ok")
-    cases["include_opt_in"] = Case(["check", inc(j("proj", "shared.seq")), "--allow-any-include"], rc=0,
+    cases["include_opt_in"] = Case(["check", inc(j("proj", "common.seq")), "--allow-any-include"], rc=0,
                                    stdout=": ok")
     cases["include_missing"] = Case(["check", inc("nothere.seq")], stderr=r":1:1: error: cannot include "
                                     r"'nothere.seq': no such file")
