@@ -128,7 +128,9 @@ class Layer(nn.Module):
             self.plan = plan
         self.plan_table = getattr(call, "plan_table", None)
         self.region = getattr(call, "region", None)
-        self.set_discretization(getattr(call, "disc", None))
+        program = getattr(call, "disc", None)
+        if program is not None or hasattr(self, "discretize_fn"):   # only layers with dynamics carry one
+            self.set_discretization(program)
 
     def set_discretization(self, program) -> None:
         """Keep the call's discretization program and its torch function, compiled once here
