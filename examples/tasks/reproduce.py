@@ -21,12 +21,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))     # run from a chec
 
 from seqc.train import TrainConfig, load_records, plot_curves, train  # noqa: E402
 
-MODELS = {"selective_copying": ["mamba", "s4d", "h3", "lstm", "transformer"],
-          "induction_heads": ["mamba", "transformer", "s4d", "h3", "lstm"]}
-NAMES = {"mamba": "Mamba (selective, S6)", "s4d": "S4D (time-invariant, no gate)",
+MODELS = {"selective_copying": ["mamba", "mamba2", "s4d", "h3", "lstm", "transformer"],
+          "induction_heads": ["mamba", "transformer", "mamba2", "s4d", "h3", "lstm"]}
+NAMES = {"mamba": "Mamba (selective, S6)", "mamba2": "Mamba-2 (selective, SSD)", "s4d": "S4D (time-invariant, no gate)",
          "h3": "H3 (time-invariant + gating)", "lstm": "LSTM", "transformer": "Transformer (attention, NoPE)"}
 PAPER = {"selective_copying": {"s4d": "18.3 (S4, no gate)", "h3": "57.0 (H3)", "mamba": "99.8 (S6 / Mamba)",
-                               "lstm": "-", "transformer": "-"}}
+                               "mamba2": "-", "lstm": "-", "transformer": "-"}}
 
 
 def summarise(task, runs, out, meta):
