@@ -139,7 +139,7 @@ def test_filters_match_hand_written_references(k, p):
 
 @pytest.mark.parametrize("over,name", [
     (dict(hidden_act="gelu"), "hidden_act"),
-    (dict(tie_word_embeddings=True), "tie_word_embeddings"),
+    (dict(tie_word_embeddings=1), "tie_word_embeddings"),
     (dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}), "rope_type"),
     (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0}), "rope_scaling"),
 ])
@@ -161,6 +161,61 @@ def test_generate_argument_errors(tmp_path):
     with pytest.raises(seqc.SeqcError, match="torch-backend"):
         seqc.generate(seqc.compile("examples/llama.seq", backend="numpy"), [[1]], 2)
     assert seqc.generate(m, [[1, 2]], 0).tolist() == [[1, 2]]
+
+
+def test_tied_embeddings_match_transformers(tmp_path):
+    """tie_word_embeddings = true: transformers saves no lm_head.weight; the spec's head is
+    linear(..., tie = embed_tokens), one parameter. Logits (float64 and float32), the KV-cache
+    steps and greedy generate() agree with transformers."""
+    from safetensors.torch import load_file
+    ref = hf_model(tmp_path, tie_word_embeddings=True)
+    assert "lm_head.weight" not in load_file(tmp_path / "model.safetensors")
+    assert ref.lm_head.weight is ref.model.embed_tokens.weight
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert "tie = embed_tokens" in llama.spec_for_config(config)
+    m = seqc.interop.from_pretrained(tmp_path).eval()
+    assert m.lm_head.weight is m.embed_tokens.weight and "lm_head.weight" not in m.state_dict()
+    tokens = torch.randint(0, 61, (2, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = ref(tokens).logits
+        assert ((m(tokens) - expected).abs().max() / expected.abs().max()).item() < 1e-4
+        ref, m = ref.double(), m.double()
+        expected, got = ref(tokens).logits, m(tokens)
+        assert ((got - expected).abs().max() / expected.abs().max()).item() < 1e-6
+        logits, state = m(tokens[:, :5], return_state=True)
+        for t in range(5, 12):
+            y, state = m.step(tokens[:, t], state)
+            torch.testing.assert_close(y, got[:, t], rtol=1e-10, atol=1e-10)
+    prompt = tokens[:, :4]
+    expected = ref.generate(prompt, do_sample=False, max_new_tokens=12, pad_token_id=0)
+    got = seqc.generate(m, prompt, 12)
+    assert torch.equal(got, expected) and len(set(got[:, 4:].flatten().tolist())) > 3
+    # an untied twin (same weights, head stored separately) is the same model
+    untied = load_from_state(ref.state_dict(), tie_word_embeddings=False).double()
+    with torch.no_grad():
+        torch.testing.assert_close(untied(tokens), m(tokens), rtol=0, atol=0)
+
+
+def load_from_state(sd, **over):
+    config = {"model_type": "llama", **BASE, **over}
+    m = seqc.compile(llama.spec_for_config(config))
+    m.load_state_dict(llama.convert_state_dict(sd, config), strict=True)
+    return m.eval()
+
+
+def test_tied_config_with_a_different_head_is_refused(tmp_path):
+    ref = hf_model(tmp_path, tie_word_embeddings=False)
+    sd = dict(ref.state_dict())
+    config = {"model_type": "llama", **BASE, "tie_word_embeddings": True}
+    with pytest.raises(seqc.SeqcError, match="tie_word_embeddings is true but the checkpoint's 'lm_head.weight' "
+                                             "differs"):
+        llama.convert_state_dict(sd, config)
+    del sd["lm_head.weight"]
+    with pytest.raises(seqc.SeqcError, match="tie_word_embeddings is false but the checkpoint has no"):
+        llama.convert_state_dict(sd, {**config, "tie_word_embeddings": False})
+    # the stored head equal to the embedding (as older checkpoints keep it) loads
+    sd["lm_head.weight"] = sd["model.embed_tokens.weight"].clone()
+    assert "lm_head.weight" not in llama.convert_state_dict(sd, config)
 
 
 def test_sliding_window_matches_transformers_mistral(tmp_path):

@@ -1,12 +1,15 @@
 """Llama (transformers' ``LlamaForCausalLM``, model_type "llama") as a seqc spec:
 the decoder layers of ``std/llama_block.seq`` (RMSNorm, rotary grouped-query
-attention, SwiGLU MLP), embedding, final RMSNorm and an untied ``lm_head``.
+attention, SwiGLU MLP), embedding, final RMSNorm and ``lm_head`` (tied to the
+embedding when ``tie_word_embeddings``: ``linear(..., tie = embed_tokens)``,
+one parameter ``embed_tokens.weight``; a checkpoint without ``lm_head.weight``
+loads, one whose ``lm_head.weight`` differs from the embedding is refused).
 
 Every config setting that changes the computation is either honoured
 (hidden_size, intermediate_size, num_hidden_layers, num_attention_heads,
 num_key_value_heads, head_dim, vocab_size, rms_norm_eps, attention_bias,
-mlp_bias, rope theta, hidden_act silu) or refused by name (another hidden_act,
-rope scaling of any type but "default", tied word embeddings).  Settings that
+mlp_bias, rope theta, hidden_act silu, tie_word_embeddings) or refused by name
+(another hidden_act, rope scaling of any type but "default").  Settings that
 only matter for training or bookkeeping (dropouts, initializer_range,
 pretraining_tp (the same product computed in slices), token ids, use_cache,
 max_position_embeddings with default rope) are ignored."""
@@ -54,9 +57,9 @@ def llama_settings(config: dict) -> dict:
     act = config.get("hidden_act", "silu")
     if act not in SILU:
         _refuse("hidden_act", act, "the Llama MLP here is down_proj(silu(gate_proj(x)) * up_proj(x))")
-    if config.get("tie_word_embeddings", False):
-        _refuse("tie_word_embeddings", True, "tied input/output embeddings are not expressible yet "
-                "(a checkpoint saved with tie_word_embeddings = false loads)")
+    tied = config.get("tie_word_embeddings", False)
+    if not isinstance(tied, bool):
+        raise SeqcError(f"Llama config: 'tie_word_embeddings' must be true or false, got {tied!r}")
     d, heads = _int(config, "hidden_size"), _int(config, "num_attention_heads")
     kv = config.get("num_key_value_heads") or heads
     head_dim = config.get("head_dim") or d // heads
@@ -71,7 +74,7 @@ def llama_settings(config: dict) -> dict:
     return dict(d_model=d, n_heads=heads, kv_heads=kv, head_dim=head_dim, n_layers=_int(config, "num_hidden_layers"),
                 d_ff=_int(config, "intermediate_size"), vocab=_int(config, "vocab_size"), rope_theta=rope_theta(config),
                 eps=float(eps), attention_bias=bool(config.get("attention_bias", False)),
-                mlp_bias=bool(config.get("mlp_bias", False)))
+                mlp_bias=bool(config.get("mlp_bias", False)), tied=tied)
 
 
 def _literal(v) -> str:
@@ -82,6 +85,7 @@ def _literal(v) -> str:
 
 def spec_for_config(config: dict) -> str:
     s = llama_settings(config)
+    tie = ", tie = embed_tokens" if s.pop("tied") else ""
     head = ", ".join(f"{k} = {_literal(v)}" for k, v in s.items())
     return f"""include "std/llama_block.seq"
 
@@ -92,7 +96,7 @@ model LlamaForCausalLM({head}) {{
                                          d_ff = d_ff, head_dim = head_dim, rope_theta = rope_theta, eps = eps,
                                          attention_bias = attention_bias, mlp_bias = mlp_bias) as layers
   norm = rmsnorm(x, eps = eps)
-  lm_head = linear(norm, vocab, bias = false)
+  lm_head = linear(norm, vocab, bias = false{tie})
   return lm_head
 }}
 """
@@ -100,13 +104,25 @@ model LlamaForCausalLM({head}) {{
 
 def convert_state_dict(state_dict: dict, config: dict) -> dict:
     """transformers' keys (model.embed_tokens, model.layers.{i}.*, model.norm, lm_head) -> the spec's
-    (the same without "model."); rotary inv_freq buffers of older checkpoints are dropped."""
+    (the same without "model."); rotary inv_freq buffers of older checkpoints are dropped.  A tied
+    head reads embed_tokens.weight, so a stored lm_head.weight must equal it and is dropped."""
+    import torch
+    tied = llama_settings(config)["tied"]
     out = {}
     for key, value in state_dict.items():
         if key.endswith("rotary_emb.inv_freq"):
             continue
         name = key[len("model."):] if key.startswith("model.") else key
         out[name] = value
-    if "lm_head.weight" not in out:
-        raise SeqcError("Llama checkpoint has no lm_head.weight (tied embeddings are not expressible yet)")
+    if tied:
+        head, emb = out.pop("lm_head.weight", None), out.get("embed_tokens.weight")
+        if emb is None:
+            raise SeqcError("Llama checkpoint has no 'model.embed_tokens.weight'")
+        if head is not None and not (tuple(head.shape) == tuple(emb.shape)
+                                     and torch.equal(torch.as_tensor(head), torch.as_tensor(emb))):
+            raise SeqcError("Llama checkpoint: tie_word_embeddings is true but the checkpoint's 'lm_head.weight' "
+                            "differs from 'model.embed_tokens.weight'")
+    elif "lm_head.weight" not in out:
+        raise SeqcError("Llama checkpoint: tie_word_embeddings is false but the checkpoint has no "
+                        "'lm_head.weight'")
     return out
