@@ -10,7 +10,8 @@ Per head (``heads`` of them; key width ``dk = key_dim / heads``, value width
 
     S_t = diag(alpha_t) S_{t-1} + k_t^T v_t          (S: dk x dv)
     o_t = (q_t / sqrt(dk)) S_t
-    y_t = o_proj(concat_heads(o_t))
+    o_t = norm(o_t)                                   (per head; norm = none: unchanged)
+    y_t = o_proj(concat_heads(o_t))                   (o_proj = false: concat_heads(o_t))
 
 * ``decay = gated`` (GLA): ``log alpha_t = logsigmoid(gk_proj(x_t)) / gate_normalizer``
   with the low-rank ``gk_proj`` (``gk_proj.0``: D -> gate_rank, no bias;
@@ -20,8 +21,15 @@ Per head (``heads`` of them; key width ``dk = key_dim / heads``, value width
 * ``decay = none``: ``alpha = 1``, causal linear attention with the identity feature map.
 
 Projections are bias-free linears named ``q_proj``, ``k_proj``, ``v_proj``,
-``o_proj`` (torch.nn.Linear layout).  GLA's output gate and RetNet's group norm
-are not part of the op (compose them in the spec).  State ``S (B, heads, dk, dv)``.
+``o_proj`` (torch.nn.Linear layout).  ``norm`` normalises each head's output
+``o_t`` (dv values) on its own: ``group`` is RetNet's GroupNorm with one group
+per head, ``(o - mean(o)) / sqrt(var(o) + norm_eps)`` (biased variance, no
+affine weights, as torchscale's ``group_norm``), ``rms`` divides by
+``sqrt(mean(o^2) + norm_eps)``.  An output gate between the norm and the output
+projection (RetNet's ``swish(X W_G) * GroupNorm(retention)``) is written in the
+spec with ``o_proj = false`` (the op returns the ``value_dim`` concatenated
+heads), a ``gate`` and a ``linear``: ``std/retnet_block.seq``.  State
+``S (B, heads, dk, dv)``.
 
 Plans of the reference: ``recurrent`` (the recurrence above) and ``scan``
 (chunks of ``CHUNK``: within a chunk a masked (T, T) score matrix with the
@@ -97,6 +105,15 @@ def _chunked(q, k, v, log_alpha, S, chunk=CHUNK):
     return np.concatenate(outs, axis=1), S
 
 
+def head_norm(o, norm, eps):
+    """Each head's output (the last axis of o (B, L, H, dv)) normalised on its own."""
+    if norm == "group":
+        return (o - o.mean(-1, keepdims=True)) / np.sqrt(o.var(-1, keepdims=True) + eps)
+    if norm == "rms":
+        return o / np.sqrt((o ** 2).mean(-1, keepdims=True) + eps)
+    return o
+
+
 _PLAN_FNS = {None: _recurrence, "auto": _recurrence, "recurrent": _recurrence, "scan": _chunked}
 
 
@@ -106,7 +123,7 @@ def gla_init_state(batch, p, **attrs):
 
 
 @with_defaults("gla")
-def gla(x, *, p, state=None, plan=None, heads, decay, gate_normalizer, **attrs):
+def gla(x, *, p, state=None, plan=None, heads, decay, gate_normalizer, norm, norm_eps, o_proj, **attrs):
     """Gated / fixed-decay / plain causal linear attention (module docstring); (y, final state)."""
     if plan not in _PLAN_FNS:
         raise SeqcError(f"gla has no plan {plan!r}; expected recurrent or scan")
@@ -115,8 +132,8 @@ def gla(x, *, p, state=None, plan=None, heads, decay, gate_normalizer, **attrs):
     if state is None:
         state = gla_init_state(x.shape[0], p, heads=heads, decay=decay, gate_normalizer=gate_normalizer, **attrs)
     o, S = (_PLAN_FNS[plan] if x.shape[1] else _recurrence)(q, k, v, log_alpha, f64(state["S"]))
-    y = o.reshape(x.shape[:2] + (-1,)) @ p["o_proj.weight"].T
-    return y, {"S": S}
+    y = head_norm(o, norm, norm_eps).reshape(x.shape[:2] + (-1,))
+    return (y @ p["o_proj.weight"].T if o_proj else y), {"S": S}
 
 
 # -- initialiser: torch.nn.Linear's default for every projection -------------------------------
@@ -144,7 +161,9 @@ def _check(s, a):
 
 def _weights(s, a):
     d, kd, vd = _check(s, a)
-    w = {"q_proj.weight": (kd, d), "k_proj.weight": (kd, d), "v_proj.weight": (vd, d), "o_proj.weight": (d, vd)}
+    w = {"q_proj.weight": (kd, d), "k_proj.weight": (kd, d), "v_proj.weight": (vd, d)}
+    if a["o_proj"]:
+        w["o_proj.weight"] = (d, vd)
     if a["decay"] == "gated":
         w.update({"gk_proj.0.weight": (a["gate_rank"], d), "gk_proj.1.weight": (kd, a["gate_rank"]),
                   "gk_proj.1.bias": (kd,)})
@@ -158,8 +177,9 @@ def _state(s, a):
 
 
 def _shape(s, a):
-    _check(s, a)
-    return seq_shape(s, a)
+    _, _, vd = _check(s, a)
+    out = seq_shape(s, a)[0]
+    return [out if a["o_proj"] else out[:-1] + (vd,)]
 
 
 def plan_options(node, ctx, m) -> list[PlanOption]:
@@ -184,6 +204,12 @@ register_op(OpSpec("gla", ("x",), (
     Attr("decay", "enum", "gated", DECAYS, doc="gated (GLA), fixed (RetNet), none (linear attention)"),
     Attr("gate_rank", "int", 16, positive=True, doc="rank of GLA's low-rank gate projection"),
     Attr("gate_normalizer", "float", 16.0, positive=True, doc="log alpha = logsigmoid(gate) / gate_normalizer"),
+    Attr("norm", "enum", "none", ("none", "group", "rms"),
+         doc="per-head normalisation of the output before o_proj: group (RetNet's GroupNorm, one group per head, "
+             "no affine), rms"),
+    Attr("norm_eps", "float", 1e-5, positive=True, doc="epsilon of norm"),
+    Attr("o_proj", "bool", True, doc="false: no output projection; the output is the heads' concatenation "
+                                     "(width value_dim), to gate and project in the spec"),
     Attr("plan", "enum", "auto", ("auto", "scan", "recurrent")),
 ), shape=_shape, weights=_weights, state=_state,
    doc="gated linear attention (GLA) / RetNet fixed decay / causal linear attention, matrix-valued state",

@@ -5,7 +5,8 @@ Plans: ``scan`` (chunked) - chunks of ``CHUNK`` steps; within a chunk the output
 masked score matrix ``A[t, s] = sum_k q_tk k_sk exp(b_tk - b_sk)`` (b the
 cumulative log decay, every exponent <= 0) times v, plus ``(q_t exp(b_t)) S``
 from the state carried between chunks; ``recurrent`` - the recurrence one step
-at a time.  ``lengths=``: past a sequence's end k = 0 and alpha = 1, so the
+at a time.  ``norm`` (group / rms) normalises each head's output before ``o_proj``
+(absent with ``o_proj = false``).  ``lengths=``: past a sequence's end k = 0 and alpha = 1, so the
 final state is the state after exactly that many steps.  The state accumulates
 in float32 (float64 for float64 inputs)."""
 from __future__ import annotations
@@ -49,6 +50,15 @@ def gla_recurrent(q, k, v, log_alpha, S):
     return torch.stack(outs, 1), S
 
 
+def head_norm(o, norm: str, eps: float):
+    """Each head's output o (B, L, H, dv) normalised over its dv values (group: zero mean, unit variance)."""
+    if norm == "group":
+        o = o - o.mean(-1, keepdim=True)
+    if norm in ("group", "rms"):
+        o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + eps)
+    return o
+
+
 class GLA(Recurrent):
     """Linear attention with a decayed matrix state; ``step`` is one recurrence step."""
 
@@ -56,6 +66,8 @@ class GLA(Recurrent):
 
     def _build(self, shapes):
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            if f"{name}.weight" not in shapes:
+                continue
             out_f, in_f = shapes[f"{name}.weight"]
             self.add_module(name, nn.Linear(in_f, out_f, bias=False))
         if "gk_proj.0.weight" in shapes:
@@ -99,6 +111,8 @@ class GLA(Recurrent):
                 k, log_alpha = k * keep, log_alpha * keep
             S = (self.init_state(batch, work, x.device) if state is None else state)["S"].to(acc)
             o, S = (gla_recurrent if self.plan == "recurrent" else gla_chunked)(q, k, v, log_alpha, S)
-            y = F.linear(o.reshape(batch, length, -1).to(work), self.o_proj.weight.to(work))
+            y = head_norm(o, self.attrs["norm"], self.attrs["norm_eps"]).reshape(batch, length, -1).to(work)
+            if self.attrs["o_proj"]:
+                y = F.linear(y, self.o_proj.weight.to(work))
         y = y.to(output_dtype(out_dtype, work))
         return (y, {"S": S}) if return_state else y
