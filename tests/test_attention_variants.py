@@ -24,6 +24,8 @@ CONFIGS = {
     "rope": dict(heads=2, rope=True, rope_theta=100.0),
     "rope-gqa-window": dict(heads=4, kv_heads=2, rope=True, window=3),
     "window1": dict(heads=2, window=1),
+    "partial-rope-mqa-window-o_bias": dict(heads=4, kv_heads=1, rope=True, rope_dim=2, window=3, o_bias=True),
+    "partial-rope-head_dim": dict(heads=2, head_dim=6, rope=True, rope_dim=4, rope_theta=50.0),
     "bidirectional": dict(heads=2, kv_heads=1, causal=False),
     "bidirectional-rope": dict(heads=2, rope=True, causal=False, bias=True),
 }
@@ -41,7 +43,8 @@ def weights(d, attrs, seed=0):
 
 
 def explicit(x, p, attrs, start=0):
-    """Query by query: rotate (q, k) pairs (m, m + hd/2) by pos * theta^(-2m/hd), score the keys
+    """Query by query: rotate (q, k) pairs (m, m + R/2) by pos * theta^(-2m/R) (R = rope_dim or
+    head_dim; features from R on are not rotated), score the keys
     this query may see, softmax, mix the values of its key/value head."""
     a = full(attrs)
     B, L, d = x.shape
@@ -55,11 +58,11 @@ def explicit(x, p, attrs, start=0):
     def rot(vec, pos):
         if not a["rope"]:
             return vec
-        out = vec.copy()
-        for m in range(hd // 2):
-            ang = pos * a["rope_theta"] ** (-2 * m / hd)
-            x1, x2 = vec[m], vec[m + hd // 2]
-            out[m], out[m + hd // 2] = x1 * math.cos(ang) - x2 * math.sin(ang), x2 * math.cos(ang) + x1 * math.sin(ang)
+        out, R = vec.copy(), a["rope_dim"] or hd
+        for m in range(R // 2):
+            ang = pos * a["rope_theta"] ** (-2 * m / R)
+            x1, x2 = vec[m], vec[m + R // 2]
+            out[m], out[m + R // 2] = x1 * math.cos(ang) - x2 * math.sin(ang), x2 * math.cos(ang) + x1 * math.sin(ang)
         return out
 
     out = np.zeros((B, L, H, hd))
@@ -72,7 +75,7 @@ def explicit(x, p, attrs, start=0):
                 w = np.exp(s - s.max())
                 out[b, i, h] = (w / w.sum()) @ v[b, keys, g]
     y = out.reshape(B, L, H * hd) @ p["o_proj.weight"].T
-    return y + (p["o_proj.bias"] if a["bias"] else 0)
+    return y + (p["o_proj.bias"] if a["bias"] or a["o_bias"] else 0)
 
 
 def torch_layer(d, attrs, p, dtype=F64):
@@ -252,3 +255,13 @@ def test_llama_example_numpy_and_torch_agree_on_ragged_lengths_then_steps(rng):
 def test_difftest_llama_example():
     report = seqc.difftest("examples/llama.seq", params={"n_layers": 1})
     assert report.ok, report
+
+
+@pytest.mark.parametrize("attrs, msg", [("rope_dim = 2", "rope_dim = 2 needs rope = true"),
+                                        ("rope = true, rope_dim = 3", "rope_dim must be even"),
+                                        ("rope = true, rope_dim = 6", "at most head_dim 4")])
+def test_bad_rope_dim_is_a_located_error(attrs, msg):
+    src = f"model M(d = 8) {{\n  input x: [B, L, d]\n  a = attention(x, heads = 2, {attrs})\n  return a\n}}\n"
+    with pytest.raises(SeqcError, match=msg) as e:
+        seqc.build_graph(src)
+    assert e.value.span is not None and e.value.span.line == 3

@@ -15,8 +15,14 @@ Variants, all attributes of the one op:
 * ``rope`` / ``rope_theta``: rotary position embedding applied to q and k as
   transformers' Llama does (``rotate_half``: the first and second halves of a
   head are the pairs; ``inv_freq = theta ** -(2i / head_dim)``).
+* ``rope_dim = R``: partial rotary embedding (transformers' ``partial_rotary_factor``
+  = R / head_dim, e.g. RecurrentGemma's 0.5): only the first R features of each
+  head are rotated, as a rotary embedding of width R
+  (``inv_freq = theta ** -(2i / R)``); the rest pass unchanged.  0 = head_dim.
 * ``window = W``: sliding window (causal only), each query sees the last
   ``W`` keys including itself (0 = unlimited).
+* ``bias`` puts a bias on all four projections; ``o_bias = true`` on ``o_proj``
+  alone (RecurrentGemma's attention: bias-free q/k/v, ``o_proj`` with bias).
 
 State (causal only): the KV cache ``k``, ``v`` of shape (B, kv_heads, T,
 head_dim) (keys stored after the rotation), T = cached positions (0
@@ -46,7 +52,7 @@ def _sub(p: dict, prefix: str) -> dict:
 
 def dims(d: int, a: dict) -> tuple[int, int, int]:
     """(heads, kv_heads, head_dim) of an attention over `d` features with attributes `a`;
-    ShapeError when they do not fit together."""
+    ShapeError when they do not fit together (rope_dim included)."""
     heads, kv = a["heads"], a.get("kv_heads", 0) or a["heads"]
     hd = a.get("head_dim", 0)
     if not hd:
@@ -55,7 +61,12 @@ def dims(d: int, a: dict) -> tuple[int, int, int]:
         hd = d // heads
     if heads % kv:
         raise ShapeError(f"{heads} heads do not divide into {kv} key/value heads (kv_heads)", 0)
-    if a.get("rope") and hd % 2:
+    rd = a.get("rope_dim", 0)
+    if rd and not a.get("rope"):
+        raise ShapeError(f"rope_dim = {rd} needs rope = true", None, "rope_dim")
+    if rd > hd or rd % 2:
+        raise ShapeError(f"rope_dim must be even and at most head_dim {hd}, got {rd}", None, "rope_dim")
+    if a.get("rope") and not rd and hd % 2:
         raise ShapeError(f"rope needs an even head_dim, got {hd}", 0)
     return heads, kv, hd
 
@@ -65,15 +76,17 @@ def rope_frequencies(head_dim: int, theta: float) -> np.ndarray:
     return 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
 
 
-def apply_rope(x, positions, theta):
+def apply_rope(x, positions, theta, rope_dim=0):
     """x (B, H, L, hd) rotated by angle positions (B, L) * inv_freq: x cos + rotate_half(x) sin,
-    rotate_half(x) = [-x2, x1] for the halves x1, x2 of each head."""
-    hd = x.shape[-1]
-    freqs = positions[..., None] * rope_frequencies(hd, theta)          # (B, L, hd/2)
-    emb = np.concatenate([freqs, freqs], -1)[:, None]                   # (B, 1, L, hd)
-    half = hd // 2
+    rotate_half(x) = [-x2, x1] for the halves x1, x2 of each head; with rope_dim only the first
+    rope_dim features are rotated (a rotary embedding of that width), the rest pass."""
+    rd = rope_dim or x.shape[-1]
+    x, rest = x[..., :rd], x[..., rd:]
+    freqs = positions[..., None] * rope_frequencies(rd, theta)          # (B, L, rd/2)
+    emb = np.concatenate([freqs, freqs], -1)[:, None]                   # (B, 1, L, rd)
+    half = rd // 2
     rotated = np.concatenate([-x[..., half:], x[..., :half]], -1)
-    return x * np.cos(emb) + rotated * np.sin(emb)
+    return np.concatenate([x * np.cos(emb) + rotated * np.sin(emb), rest], -1)
 
 
 def _split_heads(x, heads):
@@ -96,12 +109,13 @@ def visible_keys(past: int, length: int, window: int, causal: bool = True) -> np
 
 
 @with_defaults("attention")
-def attention_init_state(batch, p, *, heads, kv_heads=0, head_dim=0, rope=False, causal=True, **attrs):
+def attention_init_state(batch, p, *, heads, kv_heads=0, head_dim=0, rope=False, causal=True, rope_dim=0,
+                         **attrs):
     if not causal:
         raise SeqcError("bidirectional attention (causal = false) has no state: it needs the whole "
                         "sequence at once, so step() and streaming are not available")
     d = p["q_proj.weight"].shape[1]
-    _, kv, hd = dims(d, dict(heads=heads, kv_heads=kv_heads, head_dim=head_dim, rope=rope))
+    _, kv, hd = dims(d, dict(heads=heads, kv_heads=kv_heads, head_dim=head_dim, rope=rope, rope_dim=rope_dim))
     empty = np.zeros((batch, kv, 0, hd))
     state = {"k": empty, "v": empty.copy()}
     if rope:
@@ -111,12 +125,12 @@ def attention_init_state(batch, p, *, heads, kv_heads=0, head_dim=0, rope=False,
 
 @with_defaults("attention")
 def attention(x, *, p, state=None, heads, bias, kv_heads=0, head_dim=0, rope=False, rope_theta=10000.0,
-              window=0, causal=True, **_):
+              window=0, causal=True, rope_dim=0, o_bias=False, **_):
     """Multi-head softmax(q k^T / sqrt(head_dim)) v with q/k/v/o projections (see the
     module docstring for the variants); `state` is a KV cache of earlier positions."""
     x = f64(x)
     batch, length, d = x.shape
-    heads, kv, hd = dims(d, dict(heads=heads, kv_heads=kv_heads, head_dim=head_dim, rope=rope))
+    heads, kv, hd = dims(d, dict(heads=heads, kv_heads=kv_heads, head_dim=head_dim, rope=rope, rope_dim=rope_dim))
     q = _split_heads(linear(x, p=_sub(p, "q_proj"), bias=bias), heads)
     k, v = (_split_heads(linear(x, p=_sub(p, name), bias=bias), kv) for name in ("k_proj", "v_proj"))
     if not causal:
@@ -132,7 +146,7 @@ def attention(x, *, p, state=None, heads, bias, kv_heads=0, head_dim=0, rope=Fal
     if rope:
         start = np.asarray(cache["pos"], np.float64) if causal else np.zeros(batch)
         positions = start[:, None] + np.arange(length)[None, :]
-        q, k = apply_rope(q, positions, rope_theta), apply_rope(k, positions, rope_theta)
+        q, k = apply_rope(q, positions, rope_theta, rope_dim), apply_rope(k, positions, rope_theta, rope_dim)
     if causal:
         k = np.concatenate([cache["k"], k], axis=2)
         v = np.concatenate([cache["v"], v], axis=2)
@@ -144,7 +158,7 @@ def attention(x, *, p, state=None, heads, bias, kv_heads=0, head_dim=0, rope=Fal
     kr, vr = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)   # repeat_kv
     scores = np.where(visible, q @ kr.transpose(0, 1, 3, 2) / math.sqrt(hd), -np.inf)
     out = (_softmax(scores) @ vr).transpose(0, 2, 1, 3).reshape(batch, length, heads * hd)
-    y = linear(out, p=_sub(p, "o_proj"), bias=bias)
+    y = linear(out, p=_sub(p, "o_proj"), bias=bias or o_bias)
     if not causal:
         return y, {}
     keep = slice(max(k.shape[2] - (window - 1), 0), None) if window else slice(None)
@@ -169,7 +183,7 @@ def _weights(s, a):
     w = {}
     for name, shape in outs.items():
         w[f"{name}.weight"] = shape
-        if a["bias"]:
+        if a["bias"] or (name == "o_proj" and a["o_bias"]):
             w[f"{name}.bias"] = (shape[0],)
     return w
 
@@ -204,6 +218,9 @@ register_op(OpSpec("attention", ("x",), (
     Attr("head_dim", "int", 0, min=0, max=65536, doc="features per head; 0 = d / heads"),
     Attr("rope", "bool", False, doc="rotary position embedding on q and k (transformers' Llama convention)"),
     Attr("rope_theta", "float", 10000.0, positive=True, doc="rotary base"),
+    Attr("rope_dim", "int", 0, min=0, doc="partial rotary: rotate only the first rope_dim features of each head "
+                                          "(even, <= head_dim); 0 = head_dim"),
+    Attr("o_bias", "bool", False, doc="bias on o_proj alone (bias = true puts one on all four)"),
     Attr("window", "int", 0, min=0, doc="sliding window: each query sees the last `window` keys; 0 = all"),
     Attr("causal", "bool", True, doc="false = bidirectional (no step / streaming)"),
     Attr("plan", "enum", "auto", ("auto", "recurrent")),

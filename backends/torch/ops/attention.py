@@ -18,9 +18,12 @@ NO_STATE = ("bidirectional attention (causal = false) has no state: it needs the
             "so step(), state= and return_state= are not available")
 
 
-def rotate(x, positions, theta: float):
+def rotate(x, positions, theta: float, rope_dim: int = 0):
     """Rotary embedding (transformers' Llama convention): x (B, H, L, hd) at `positions` (B, L)
-    -> x cos + rotate_half(x) sin, angles computed in float64."""
+    -> x cos + rotate_half(x) sin, angles computed in float64; with rope_dim only the first
+    rope_dim features of each head (a rotary embedding of that width), the rest unchanged."""
+    if rope_dim and rope_dim < x.shape[-1]:
+        return torch.cat([rotate(x[..., :rope_dim], positions, theta), x[..., rope_dim:]], -1)
     hd = x.shape[-1]
     inv_freq = 1.0 / theta ** (torch.arange(0, hd, 2, dtype=torch.float64, device=x.device) / hd)
     freqs = positions.to(torch.float64)[..., None] * inv_freq
@@ -81,7 +84,8 @@ class Attention(Recurrent):
             pos = x.new_zeros(batch) if state is None else state["pos"].to(x.dtype)
             positions = pos[:, None] + torch.arange(length, device=x.device, dtype=x.dtype)
             theta = float(self.attrs["rope_theta"])
-            q, k = rotate(q, positions, theta), rotate(k, positions, theta)
+            rd = int(self.attrs["rope_dim"])
+            q, k = rotate(q, positions, theta, rd), rotate(k, positions, theta, rd)
         if state is not None:
             k = torch.cat([state["k"].to(k.dtype), k], 2)
             v = torch.cat([state["v"].to(v.dtype), v], 2)
