@@ -245,18 +245,6 @@ def test_heads_must_divide_the_width():
         seqc.build_graph("model M() {\n input x: [B, L, 10]\n r = rglru(x, heads = 3)\n return r\n}")
 
 
-def test_recurrent_gemma_family_refuses_by_name():
-    from seqc.interop.families import family_for
-    family = family_for("recurrent_gemma")
-    config = {**_config().to_dict(), "num_hidden_layers": 3}
-    with pytest.raises(seqc.SeqcError, match="RecurrentGemma.*soft-cap.*local attention.*sliding window"):
-        family.spec_for_config(config)
-    hawk = {**config, "block_types": ["recurrent"]}
-    with pytest.raises(seqc.SeqcError, match="soft-cap") as err:
-        family.convert_state_dict({}, hawk)
-    assert "local attention" not in str(err.value)
-
-
 def test_gelu_tanh_is_torchs_tanh_approximation(rng):
     from seqc.backends.torch.base import FUNCTIONS
     x = rng.standard_normal(50) * 3
