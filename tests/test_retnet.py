@@ -133,3 +133,18 @@ def test_shapes_and_difftest():
     assert tuple(seqc.compile(src)(torch.zeros(1, 3, 6)).shape) == (1, 3, 10)
     for mode in ("scan", "recurrent"):
         assert seqc.difftest(SPEC, modes=("auto", mode), length=37).ok
+
+
+@pytest.mark.parametrize("plan", ["scan", "recurrent"])
+def test_gradients_through_the_head_norm_match_finite_differences(plan):
+    from seqc.backends.torch.base import LAYERS
+    attrs = dict(heads=2, key_dim=4, value_dim=6, decay="fixed", norm="group", o_proj=False)
+    layer = LAYERS["gla"]([5], attrs).double()
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_(0, 0.5, generator=torch.Generator().manual_seed(p.numel()))
+    layer.plan = plan
+    x = torch.randn(2, 7, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, *w: torch.func.functional_call(
+        layer, dict(zip([n for n, _ in layer.named_parameters()], w)), (x,)),
+        (x, *[p.detach().clone().requires_grad_() for p in layer.parameters()]), eps=1e-6, atol=1e-7, fast_mode=True)
