@@ -456,7 +456,11 @@ def _compare_gradients(sides, xs, weights, cot, tol, seed) -> list[GradRow]:
             base = xs[i]
         else:
             base = weights[k]
-        eps = FD_EPS * max(float(np.sqrt(np.mean(base ** 2))) if base.size else 1.0, 1e-3)
+        # an all-zero tensor (a zero-initialised bias; S4D's A_imag with one mode per channel) has no
+        # scale of its own: a unit one, not the 1e-3 floor, whose 1e-8 step would leave the central
+        # difference to rounding error (|loss| * 1e-16 / 1e-8 against gradients of 1e-6)
+        rms = float(np.sqrt(np.mean(base ** 2))) if base.size else 1.0
+        eps = FD_EPS * max(rms if rms > 0 else 1.0, 1e-3)
 
         def f(sign):
             if k.startswith("input "):

@@ -376,7 +376,166 @@ def generate(disc, cache: bool, flags=None) -> str:
     return header + fwd + bwd
 
 
-_VERSION = hashlib.sha256((inspect.getsource(_register_numba_exp) + _FWD + _BWD).encode()).hexdigest()[:12]
+# --------------------------------------------------------------------------- #
+# the time-invariant complex diagonal recurrence (ssm kinds diag / s5)
+# --------------------------------------------------------------------------- #
+_LTI_HEADER = '''\
+"""seqc: generated CPU kernels of the constant complex diagonal recurrence
+(complex_in={complex_in}, complex_out={complex_out}).  Regenerate, do not edit."""
+import numba
+import numpy as np
+
+_CACHE = {cache}
+# runtime version: {version}
+'''
+
+_LTI_FWD = """
+@numba.njit(parallel=True, fastmath={{"contract"}}, cache=_CACHE)
+def fwd(ur, ui, ar, ai, br, bi, cr, ci, lens, chunk, yr, yi, ckpt, xr, xi, fr, fi):
+    \"""x_t = a x_(t-1) + Bbar u_t, w_t = sum_s C_s x_t,s per (channel, mode), complex numbers as
+    (re, im) arrays.  u, w: (b, L, nw, W); a, Bbar, C: (nw, S, W); x (b, nw, S, W) holds the
+    initial state on entry and the state after L steps on exit; f gets the state after lens[b]
+    steps; ckpt (b, nchunks, 2, nw, S, W) the state before each chunk.\"""
+    nb, L, nw, W = ur.shape
+    S = ar.shape[1]
+    for job in numba.prange(nb * nw):
+        b, k = job // nw, job % nw
+        xrk, xik, ark, aik, brk, bik, crk, cik = xr[b, k], xi[b, k], ar[k], ai[k], br[k], bi[k], cr[k], ci[k]
+        n_len = lens[b]
+        if n_len == 0:
+            fr[b, k] = xrk
+            fi[b, k] = xik
+        for t in range(L):
+            if t % chunk == 0:
+                ckpt[b, t // chunk, 0, k] = xrk
+                ckpt[b, t // chunk, 1, k] = xik
+            urt, yrt = ur[b, t, k], yr[b, t, k]
+{fwd_head}
+            for j in range(W):
+                yrt[j] = 0
+{fwd_zero}
+            for n in range(S):
+                xrn, xin, arn, ain, brn, bin_, crn, cin = xrk[n], xik[n], ark[n], aik[n], brk[n], bik[n], crk[n], cik[n]
+                for j in range(W):
+                    pr = xrn[j]
+                    pi = xin[j]
+                    vr = arn[j] * pr - ain[j] * pi + brn[j] * urt[j]{fwd_in_r}
+                    vi = arn[j] * pi + ain[j] * pr + bin_[j] * urt[j]{fwd_in_i}
+                    xrn[j] = vr
+                    xin[j] = vi
+                    yrt[j] += crn[j] * vr - cin[j] * vi
+{fwd_out_i}
+            if t == n_len - 1:
+                fr[b, k] = xrk
+                fi[b, k] = xik
+"""
+
+_LTI_BWD = """
+@numba.njit(parallel=True, fastmath={{"contract", "reassoc"}}, cache=_CACHE)
+def bwd(ur, ui, ar, ai, br, bi, cr, ci, lens, ckpt, gyr, gyi, gxr, gxi, chunk, hr, hi, xs,
+        dur, dui, dar, dai, dbr, dbi, dcr, dci):
+    \"""Adjoint of fwd (same layouts; gradients of a complex z as dL/dRe z + i dL/dIm z).  Runs
+    G_t = conj(a) G_(t+1) + conj(C) gw_t (+ gx, the final state's gradient, at t = lens[b] - 1)
+    backwards over each chunk's states, recomputed from its checkpoint into xs[job]
+    (chunk + 1, 2, S, W); h (b, nw, S, W) starts at zero and leaves as the initial state's
+    gradient; da, dBbar, dC (b, nw, S, W) start at zero and get per-batch partials.\"""
+    nb, L, nw, W = ur.shape
+    S = ar.shape[1]
+    for job in numba.prange(nb * nw):
+        b, k = job // nw, job % nw
+        hrk, hik, ark, aik, brk, bik, crk, cik = hr[b, k], hi[b, k], ar[k], ai[k], br[k], bi[k], cr[k], ci[k]
+        darb, daib, dbrb, dbib, dcrb, dcib = dar[b, k], dai[b, k], dbr[b, k], dbi[b, k], dcr[b, k], dci[b, k]
+        x = xs[job]
+        n_len = lens[b]
+        for c in range(ckpt.shape[1] - 1, -1, -1):
+            t0 = c * chunk
+            t1 = min(L, t0 + chunk)
+            x[0, 0] = ckpt[b, c, 0, k]
+            x[0, 1] = ckpt[b, c, 1, k]
+            for i in range(t1 - t0):  # recompute this chunk's states
+                urt = ur[b, t0 + i, k]
+{bwd_head_rec}
+                for n in range(S):
+                    arn, ain, brn, bin_ = ark[n], aik[n], brk[n], bik[n]
+                    pr, pi, xrn, xin = x[i, 0, n], x[i, 1, n], x[i + 1, 0, n], x[i + 1, 1, n]
+                    for j in range(W):
+                        xrn[j] = arn[j] * pr[j] - ain[j] * pi[j] + brn[j] * urt[j]{fwd_in_r}
+                        xin[j] = arn[j] * pi[j] + ain[j] * pr[j] + bin_[j] * urt[j]{fwd_in_i}
+            for i in range(t1 - t0 - 1, -1, -1):  # the adjoint, G = dL/dx_t
+                t = t0 + i
+                urt, gyrt, durt = ur[b, t, k], gyr[b, t, k], dur[b, t, k]
+{bwd_head}
+                if t == n_len - 1:
+                    for n in range(S):
+                        for j in range(W):
+                            hrk[n, j] += gxr[b, k, n, j]
+                            hik[n, j] += gxi[b, k, n, j]
+                for j in range(W):
+                    durt[j] = 0
+{bwd_zero}
+                for n in range(S):
+                    arn, ain, brn, bin_, crn, cin = ark[n], aik[n], brk[n], bik[n], crk[n], cik[n]
+                    hrn, hin, pr, pi, xrn, xin = hrk[n], hik[n], x[i, 0, n], x[i, 1, n], x[i + 1, 0, n], x[i + 1, 1, n]
+                    dan, dain, dbn, dbin, dcn, dcin = darb[n], daib[n], dbrb[n], dbib[n], dcrb[n], dcib[n]
+                    for j in range(W):
+                        g = gyrt[j]
+                        Gr = hrn[j] + crn[j] * g{bwd_g_r}
+                        Gi = hin[j] - cin[j] * g{bwd_g_i}
+                        dcn[j] += g * xrn[j]{bwd_dc_r}
+                        dcin[j] -= g * xin[j]{bwd_dc_i}
+                        u = urt[j]
+                        durt[j] += brn[j] * Gr + bin_[j] * Gi
+{bwd_du_i}
+                        dbn[j] += Gr * u{bwd_db_r}
+                        dbin[j] += Gi * u{bwd_db_i}
+                        dan[j] += Gr * pr[j] + Gi * pi[j]
+                        dain[j] += Gi * pr[j] - Gr * pi[j]
+                        hrn[j] = arn[j] * Gr + ain[j] * Gi
+                        hin[j] = arn[j] * Gi - ain[j] * Gr
+        if n_len == 0:
+            for n in range(S):
+                for j in range(W):
+                    hrk[n, j] += gxr[b, k, n, j]
+                    hik[n, j] += gxi[b, k, n, j]
+"""
+
+
+def generate_lti(complex_in: bool, complex_out: bool, cache: bool) -> str:
+    """The kernel module's source for the constant complex diagonal recurrence
+
+        x_t = a x_(t-1) + Bbar u_t,   w_t = sum_s C_s x_t,s     (per channel; a, Bbar, C per (channel, mode))
+
+    with a real input u (``complex_in`` False: S4D, Bbar u is formed in the kernel) or a complex one
+    (S5 after its input projection), and the real part of w only (``complex_out`` False: S4D reads
+    2 Re w) or all of it.  The discretization is not here: a and Bbar are constants the layer
+    computes once per call from its (differentiable) parameters."""
+    sub = {
+        "fwd_in_r": " - bin_[j] * uit[j]" if complex_in else "",
+        "fwd_in_i": " + brn[j] * uit[j]" if complex_in else "",
+        "fwd_out_i": _indent(["yit[j] += crn[j] * vi + cin[j] * vr"], 20) if complex_out else "",
+        "bwd_head_rec": _indent(["uit = ui[b, t0 + i, k]"], 16) if complex_in else "",
+        "bwd_head": _indent((["uit, duit = ui[b, t, k], dui[b, t, k]"] if complex_in else []) +
+                            (["gyit = gyi[b, t, k]"] if complex_out else []), 16),
+        "bwd_zero": _indent(["    duit[j] = 0"], 16) if complex_in else "",
+        "bwd_g_r": " + cin[j] * gyit[j]" if complex_out else "",
+        "bwd_g_i": " + crn[j] * gyit[j]" if complex_out else "",
+        "bwd_dc_r": " + gyit[j] * xin[j]" if complex_out else "",
+        "bwd_dc_i": " - gyit[j] * xrn[j]" if complex_out else "",
+        "bwd_du_i": _indent(["duit[j] += brn[j] * Gi - bin_[j] * Gr"], 24) if complex_in else "",
+        "bwd_db_r": " + Gi * uit[j]" if complex_in else "",
+        "bwd_db_i": " - Gr * uit[j]" if complex_in else "",
+    }
+    head = ["yit = yi[b, t, k]"] if complex_out else []
+    sub["fwd_head"] = _indent((["uit = ui[b, t, k]"] if complex_in else []) + head, 12)
+    sub["fwd_zero"] = _indent(["    yit[j] = 0"], 12) if complex_out else ""
+    fwd = _LTI_FWD.format(**{k: v for k, v in sub.items() if "{" + k + "}" in _LTI_FWD})
+    bwd = _LTI_BWD.format(**{k: v for k, v in sub.items() if "{" + k + "}" in _LTI_BWD})
+    header = _LTI_HEADER.format(complex_in=bool(complex_in), complex_out=bool(complex_out), cache=bool(cache),
+                                version=_VERSION)
+    return "\n".join(ln for ln in (header + fwd + bwd).split("\n") if ln.strip() != "pass") + "\n"
+
+
+_VERSION = hashlib.sha256((inspect.getsource(_register_numba_exp) + _FWD + _BWD + _LTI_FWD + _LTI_BWD).encode()).hexdigest()[:12]
 
 
 # --------------------------------------------------------------------------- #
@@ -454,12 +613,27 @@ def _from_file(source: str, stem: str):
     return module.fwd, module.bwd
 
 
-def _in_memory(disc, flags=None):
+def _in_memory(build, label):
+    """Compile ``build(cache=False)`` (a kernel module's source) without the disk cache."""
     _announce()
-    source = generate(disc, cache=False, flags=flags)
     namespace = {"__name__": "seqc_cpu_kernels_in_memory"}
-    exec(compile(source, f"<seqc cpu kernels {disc.method}>", "exec"), namespace)
+    exec(compile(build(cache=False), f"<seqc cpu kernels {label}>", "exec"), namespace)
     return namespace["fwd"], namespace["bwd"]
+
+
+def _load(key, build, label):
+    """The guarded (fwd, bwd) pair of the module ``build(cache=...)`` generates, cached under ``key``."""
+    with _LOCK:
+        found = _STATE["kernels"].get(key)
+        if found is None:
+            source = build(cache=True)
+            stem = "kernels_" + hashlib.sha256(source.encode()).hexdigest()[:20]
+            try:
+                found = _from_file(source, stem)
+            except Exception:      # read-only or broken cache: compile in memory instead
+                stem, found = None, _in_memory(build, label)
+            found = _STATE["kernels"][key] = _Guarded(found, build, label, source, stem)
+        return found
 
 
 def kernels(disc, flags=None):
@@ -469,20 +643,19 @@ def kernels(disc, flags=None):
         return None
     flags = normalise_flags(flags)
     key = (disc.kernel.digest, disc.kernel_grad.digest, flags)
-    with _LOCK:
-        found = _STATE["kernels"].get(key)
-        if found is None:
-            source = generate(disc, cache=True, flags=flags)
-            stem = "kernels_" + hashlib.sha256(source.encode()).hexdigest()[:20]
-            try:
-                found = _from_file(source, stem)
-            except Exception:      # read-only or broken cache: compile in memory instead
-                stem, found = None, _in_memory(disc, flags)
-            found = _STATE["kernels"][key] = _Guarded(found, disc, source, stem, flags)
-        return found
+    return _load(key, lambda cache: generate(disc, cache=cache, flags=flags), disc.method)
 
 
-def _rebuild(disc, source, stem, flags):
+def lti_kernels(complex_in: bool, complex_out: bool):
+    """(fwd, bwd) numba kernels of the constant complex diagonal recurrence (``generate_lti``);
+    None without numba."""
+    if numba_module() is None:
+        return None
+    key = ("lti", bool(complex_in), bool(complex_out))
+    return _load(key, lambda cache: generate_lti(complex_in, complex_out, cache=cache), "lti")
+
+
+def _rebuild(build, label, source, stem):
     """After a cached kernel failed to load: drop the stem's numba cache and compile again
     (in memory if even that fails)."""
     if stem is not None:
@@ -492,16 +665,15 @@ def _rebuild(disc, source, stem, flags):
             return _from_file(source, stem)
         except Exception:
             pass
-    return _in_memory(disc, flags)
+    return _in_memory(build, label)
 
 
 class _Guarded:
     """The kernel pair; if a cached kernel fails to load on its first call (a damaged numba
     cache), the pair is rebuilt and the call retried once."""
 
-    def __init__(self, pair, disc, source, stem, flags):
-        self.pair, self.disc, self.source, self.stem, self.tried = pair, disc, source, stem, set()
-        self.flags = flags
+    def __init__(self, pair, build, label, source, stem):
+        self.pair, self.build, self.label, self.source, self.stem, self.tried = pair, build, label, source, stem, set()
 
     def _call(self, which, args):
         numba = _STATE["numba"]
@@ -515,7 +687,7 @@ class _Guarded:
                 return self.pair[which](*args)
             except (pickle.UnpicklingError, EOFError, OSError, ImportError, AttributeError):
                 with _LOCK:
-                    self.pair = _rebuild(self.disc, self.source, self.stem, self.flags)
+                    self.pair = _rebuild(self.build, self.label, self.source, self.stem)
                     self.stem = None
                 return self.pair[which](*args)
             finally:

@@ -1,7 +1,14 @@
 """The linear time-invariant SSM layer (kinds diag = S4D, dense, s5, shift) and
 its plans: FFT convolution with a kernel from blocked Vandermonde products,
 chunked scan, and plain recurrence - all over one ``LinearSystem`` view of the
-discretized weights (discretization from ``seqc.discretization``)."""
+discretized weights (discretization from ``seqc.discretization``).
+
+The scan and recurrent plans of the complex diagonal kinds (diag, s5) run the
+generic recurrence core of ``backends.torch.scan`` (``lti_scan``: the
+generated numba kernels on CPU, its torch engine elsewhere), with the
+discretized constants ``a``, ``Bbar``, ``C`` formed here by torch ops so that
+autograd carries their gradients on to the parameters; dense and shift keep
+the chunked torch scan of this module."""
 from __future__ import annotations
 
 import math
@@ -14,6 +21,7 @@ from seqc.errors import SeqcError
 
 from .base import (Recurrent, accumulator_dtype, at_positions, check_lengths, discretized, from_zero,
                    no_autocast, output_dtype, right_align, work_dtype)
+from .scan import lti_scan
 
 SMALL_STATE = 8192      # linear_scan: states with fewer elements per step are scanned in chunks
 
@@ -288,9 +296,22 @@ class SSM(Recurrent):
                 plan = self.plan_for(u.shape[0], u.shape[1], torch.is_grad_enabled() and self.D.requires_grad)
             self.last_plan = plan
             run = {"conv": self._conv, "recurrent": self._recurrent}.get(plan, self._scan)
+            if plan != "conv" and system.transition == "diag":
+                run = self._core
             y, x = run(system, uw, x0, lengths, return_state)
             y = (y + self.D.to(work) * uw).to(output_dtype(u.dtype, work))
         return (y, {"x": system.pack(x)}) if return_state else y
+
+    @staticmethod
+    def _core(system, u, x0, lengths, want_state):
+        """The complex diagonal kinds through the generic recurrence core (scan and recurrent plans)."""
+        if system.mimo:   # s5: the P modes are the core's channels (one mode each); read out here
+            one = torch.ones_like(system.a).unsqueeze(-1)
+            x, final = lti_scan(system.inject(u), system.a.unsqueeze(-1), one, one,
+                                None if x0 is None else x0.unsqueeze(-1), lengths, complex_out=True)
+            return system.read(x), final.squeeze(-1)
+        w, final = lti_scan(u, system.a, system.Bbar, system.C, x0, lengths)
+        return 2 * w, final
 
     @staticmethod
     def _scan(system, u, x0, lengths, want_state):

@@ -380,3 +380,233 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         y = _skip_and_gate(y, u, D, z)
     y = y.to(out_dtype)
     return (y, last.to(out_dtype)) if return_state else y
+
+
+# --------------------------------------------------------------------------- #
+# the time-invariant complex diagonal recurrence (ssm kinds diag = S4D and s5)
+#
+#   x_t = a * x_{t-1} + Bbar * u_t,   w_t = sum_s C_s * x_t,s
+#
+# a, Bbar, C constant complex (H, S) (computed once per call by the layer from its
+# parameters through the compiled discretization, so autograd takes their gradients
+# on to log_A_real, A_imag, log_dt, ...), u real (S4D) or complex (S5's projected
+# input), w real part only (S4D reads 2 Re w) or complex.  Complex numbers cross the
+# autograd boundary as (re, im) pairs of real tensors; gradients of a complex z are
+# dL/dRe z + i dL/dIm z.  The same chunk-checkpoint scheme as the selective core:
+# O(L / chunk) states saved, each chunk recomputed in backward, where the adjoint
+# G_t = conj(a) G_{t+1} + conj(C) dL/dw_t runs backwards.
+# --------------------------------------------------------------------------- #
+def _complex(re, im):
+    return torch.complex(re, im) if im is not None else re
+
+
+def _const_scan(a, b, x0, apow):
+    """x_t = a x_{t-1} + b_t along dim 1 from x0 for a constant a (H, S): Hillis-Steele over
+    b (batch, T, H, S), with a^s a constant per level; ``apow`` (T, H, S) = a^(t+1)."""
+    T, s, p = b.shape[1], 1, a
+    b = b.clone()
+    while s < T:
+        b[:, s:] += p * b[:, :-s]   # the product is formed before b is written
+        p = p * p
+        s *= 2
+    return b + apow[:T] * x0.unsqueeze(1)
+
+
+def _pow_table(a, n):
+    """(n, *a.shape): a^(t+1) for t < n, by doubling."""
+    out, p = a.unsqueeze(0), a
+    while out.shape[0] < n:
+        out = torch.cat([out, p * out], 0)    # p = a^len(out)
+        p = p * p
+    return out[:n]
+
+
+class _LTITorchEngine:
+    """Pure-torch LTI core (any device, ``SEQC_NO_NUMBA``): chunks scanned with Hillis-Steele
+    (a constant, so each level multiplies by one power a^s), sequential across chunks."""
+
+    fused = False
+
+    def __init__(self, chunk):
+        self.chunk = chunk
+
+    def _spans(self, L):
+        return [(t, min(t + self.chunk, L)) for t in range(0, L, self.chunk)]
+
+    @staticmethod
+    def _unpack(ur, ui, ar, ai, br, bi, cr, ci):
+        return _complex(ur, ui), torch.complex(ar, ai), torch.complex(br, bi), torch.complex(cr, ci)
+
+    def forward(self, ur, ui, ar, ai, br, bi, cr, ci, x0r, x0i, lens, complex_out):
+        u, a, Bbar, C = self._unpack(ur, ui, ar, ai, br, bi, cr, ci)
+        L = u.shape[1]
+        apow = _pow_table(a, min(self.chunk, L))
+        x = torch.complex(x0r, x0i)
+        final = x.clone() if lens is not None else None
+        ws, ckpts = [], []
+        for t0, t1 in self._spans(L):
+            ckpts.append(x)
+            xs = _const_scan(a, Bbar * u[:, t0:t1, :, None], x, apow)
+            ws.append(torch.einsum("bths,hs->bth", xs, C))
+            if lens is not None:   # the state after lens[b] steps, if it falls in this chunk
+                inside = (lens > t0) & (lens <= t1)
+                pick = xs[torch.arange(xs.shape[0], device=xs.device), (lens - 1 - t0).clamp(0, t1 - t0 - 1)]
+                final = torch.where(inside[:, None, None], pick, final)
+            x = xs[:, -1].clone()  # a view would keep the whole chunk alive
+        w = torch.cat(ws, 1)
+        xl = x if lens is None else final
+        ys = (w.real, w.imag) if complex_out else (w.real,)
+        return ys, (xl.real, xl.imag), torch.stack(ckpts)
+
+    def backward(self, ur, ui, ar, ai, br, bi, cr, ci, lens, ckpts, gys, gx):
+        u, a, Bbar, C = self._unpack(ur, ui, ar, ai, br, bi, cr, ci)
+        batch, L = u.shape[:2]
+        gw = _complex(*gys) if len(gys) == 2 else gys[0]
+        apow = _pow_table(a, min(self.chunk, L))
+        ac = a.conj()
+        acpow = apow.conj()
+        gxc = torch.complex(*gx)
+        rows = torch.arange(batch, device=u.device)
+        G = torch.zeros_like(gxc)              # dL/dx at the start of the following chunk
+        da, dB, dC = torch.zeros_like(a), torch.zeros_like(a), torch.zeros_like(a)
+        dus = []
+        for t0, t1 in reversed(self._spans(L)):
+            xs = _const_scan(a, Bbar * u[:, t0:t1, :, None], ckpts[t0 // self.chunk], apow)
+            g = gw[:, t0:t1, :, None] * C.conj()
+            if lens is None:
+                if t1 == L:
+                    g[:, -1] += gxc
+            else:
+                inside = (lens > t0) & (lens <= t1)
+                at = (lens - 1 - t0).clamp(0, t1 - t0 - 1)
+                g[rows, at] += torch.where(inside[:, None, None], gxc, torch.zeros_like(gxc))
+            Gs = _const_scan(ac, g.flip(1), G, acpow).flip(1)   # G_t = conj(a) G_{t+1} + g_t
+            x_prev = torch.cat([ckpts[t0 // self.chunk].unsqueeze(1), xs[:, :-1]], 1)
+            da += torch.einsum("bths,bths->hs", Gs, x_prev.conj())
+            dC += torch.einsum("bth,bths->hs", gw[:, t0:t1].to(xs.dtype), xs.conj())
+            uc = u[:, t0:t1].to(Gs.dtype)
+            dB += torch.einsum("bths,bth->hs", Gs, uc.conj())
+            dus.append(torch.einsum("bths,hs->bth", Gs, Bbar.conj()))
+            G = Gs[:, 0]
+        dx0 = ac * G
+        if lens is not None:
+            dx0 = dx0 + torch.where((lens == 0)[:, None, None], gxc, torch.zeros_like(gxc))
+        du = torch.cat(dus[::-1], 1)
+        dui = du.imag if ui is not None else None
+        return (du.real, dui, da.real, da.imag, dB.real, dB.imag, dC.real, dC.imag, dx0.real, dx0.imag)
+
+
+class _LTINumbaEngine:
+    """CPU LTI core: the generated kernels (``cpu_kernels.lti_kernels``) on channel-blocked
+    layouts - u, w (b, L, nw, W), parameters (nw, S, W), states (b, nw, S, W) - parallel over
+    (batch, block), vectorised over the W channels of a block."""
+
+    def __init__(self, chunk, kernels):
+        self.chunk = chunk
+        self.fwd, self.bwd = kernels.fwd, kernels.bwd
+
+    @staticmethod
+    def _layout(ur, ar):
+        b, L, h = ur.shape
+        W = _block_width(b, h, torch.get_num_threads())
+        nw, S = h // W, ar.shape[1]
+        seq = lambda t: t.detach().contiguous().view(b, L, nw, W)          # noqa: E731
+        par = lambda t: t.detach().t().reshape(S, nw, W).transpose(0, 1).contiguous()  # noqa: E731
+        st_in = lambda t: t.detach().transpose(1, 2).reshape(b, S, nw, W).transpose(1, 2).clone(  # noqa: E731
+            memory_format=torch.contiguous_format)                   # a copy: the kernels write states
+        st_out = lambda t: t.transpose(1, 2).reshape(t.shape[0], S, h).transpose(1, 2)  # noqa: E731
+        return (b, L, h, W, nw, S), seq, par, st_in, st_out
+
+    @staticmethod
+    def _lens(lens, b, L, device):
+        if lens is None:
+            return torch.full((b,), L, dtype=torch.int64)
+        return lens.detach().to("cpu", torch.int64).contiguous()
+
+    def forward(self, ur, ui, ar, ai, br, bi, cr, ci, x0r, x0i, lens, complex_out):
+        (b, L, h, W, nw, S), seq, par, st_in, st_out = self._layout(ur, ar)
+        n = lambda t: t.numpy()   # noqa: E731
+        uru = seq(ur)
+        uiu = seq(ui) if ui is not None else uru
+        yr = ur.new_empty(b, L, nw, W)
+        yi = ur.new_empty(b, L, nw, W) if complex_out else yr
+        xr, xi = st_in(x0r), st_in(x0i)
+        fr, fi = torch.empty_like(xr), torch.empty_like(xi)
+        ckpt = ur.new_empty(b, -(-L // self.chunk), 2, nw, S, W)
+        self.fwd(n(uru), n(uiu), *(n(par(t)) for t in (ar, ai, br, bi, cr, ci)), n(self._lens(lens, b, L, ur.device)),
+                 self.chunk, n(yr), n(yi), n(ckpt), n(xr), n(xi), n(fr), n(fi))
+        ys = (yr.view(b, L, h), yi.view(b, L, h)) if complex_out else (yr.view(b, L, h),)
+        return ys, (st_out(fr), st_out(fi)), ckpt
+
+    def backward(self, ur, ui, ar, ai, br, bi, cr, ci, lens, ckpt, gys, gx):
+        (b, L, h, W, nw, S), seq, par, st_in, st_out = self._layout(ur, ar)
+        n = lambda t: t.numpy()   # noqa: E731
+        uru = seq(ur)
+        uiu = seq(ui) if ui is not None else uru
+        gyr = seq(gys[0])
+        gyi = seq(gys[1]) if len(gys) == 2 else gyr
+        hr, hi = ur.new_zeros(b, nw, S, W), ur.new_zeros(b, nw, S, W)
+        xs = ur.new_empty(b * nw, self.chunk + 1, 2, S, W)
+        dur = ur.new_empty(b, L, nw, W)
+        dui = ur.new_empty(b, L, nw, W) if ui is not None else dur
+        parts = [ur.new_zeros(b, nw, S, W) for _ in range(6)]
+        self.bwd(n(uru), n(uiu), *(n(par(t)) for t in (ar, ai, br, bi, cr, ci)), n(self._lens(lens, b, L, ur.device)),
+                 n(ckpt), n(gyr), n(gyi), n(st_in(gx[0])), n(st_in(gx[1])), self.chunk, n(hr), n(hi), n(xs),
+                 n(dur), n(dui), *(n(p) for p in parts))
+        grads = [st_out(p.sum(0, keepdim=True))[0] for p in parts]
+        return (dur.view(b, L, h), dui.view(b, L, h) if ui is not None else None, *grads,
+                st_out(hr), st_out(hi))
+
+
+class _LTICore(torch.autograd.Function):
+    """(u_re, u_im | None, a, Bbar, C as re/im pairs, x0 re/im, lengths) -> (w_re[, w_im], x_re, x_im),
+    O(L / chunk) states saved; ``engine`` is an _LTINumbaEngine or an _LTITorchEngine."""
+
+    @staticmethod
+    def forward(ctx, ur, ui, ar, ai, br, bi, cr, ci, x0r, x0i, lens, engine, complex_out):
+        ys, xl, ckpt = engine.forward(ur, ui, ar, ai, br, bi, cr, ci, x0r, x0i, lens, complex_out)
+        ctx.engine, ctx.complex_in, ctx.complex_out = engine, ui is not None, complex_out
+        ctx.save_for_backward(ur, ui, ar, ai, br, bi, cr, ci, lens, ckpt)
+        return (*ys, *xl)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads):
+        ur, ui, ar, ai, br, bi, cr, ci, lens, ckpt = ctx.saved_tensors
+        zero = lambda g, like: torch.zeros_like(like) if g is None else g.contiguous()   # noqa: E731
+        ny = 2 if ctx.complex_out else 1
+        state = torch.zeros(ur.shape[0], *ar.shape, dtype=ar.dtype, device=ar.device)
+        gys = tuple(zero(g, ur) for g in grads[:ny])
+        gx = tuple(zero(g, state) for g in grads[ny:])
+        out = ctx.engine.backward(ur, ui, ar, ai, br, bi, cr, ci, lens, ckpt, gys, gx)
+        return (*out, None, None, None)
+
+
+def lti_scan(u, a, Bbar, C, state=None, lengths=None, complex_out=False, chunk=None):
+    """The constant complex diagonal recurrence of the LTI ``ssm`` (S4D, S5):
+
+        x_t = a * x_{t-1} + Bbar * u_t,   w_t = sum_s C_s * x_t,s
+
+    u: (batch, L, H) real, or complex; a, Bbar, C: complex (H, S); state: complex (batch, H, S)
+    initial state or None (zeros); lengths: (batch,) int64 or None - the final state returned is
+    the one after lengths[b] steps (all L without).  Returns (w, final state): w (batch, L, H)
+    real (Re w) or, with ``complex_out``, complex.  The numba kernels run on CPU (unless
+    ``SEQC_NO_NUMBA``), the torch engine elsewhere; gradients reach u, a, Bbar, C and state."""
+    batch, length, h = u.shape
+    s = a.shape[-1]
+    ar, ai = a.real, a.imag
+    state = torch.zeros(batch, h, s, dtype=a.dtype, device=a.device) if state is None else state.to(a.dtype)
+    ur, ui = (u.real, u.imag) if u.is_complex() else (u, None)
+    if length == 0:
+        w = u.new_zeros(batch, 0, h, dtype=a.dtype if complex_out else ar.dtype)
+        return w, state
+    use_numba = u.device.type == "cpu" and os.environ.get("SEQC_NO_NUMBA", "") in ("", "0")
+    kernels = cpu_kernels.lti_kernels(ui is not None, complex_out) if use_numba else None
+    if kernels is not None:
+        engine = _LTINumbaEngine(chunk or _NUMBA_CHUNK, kernels)
+    else:
+        engine = _LTITorchEngine(chunk or max(_TORCH_CHUNK, math.isqrt(length)))
+    out = _LTICore.apply(ur, ui, ar, ai, Bbar.real, Bbar.imag, C.real, C.imag, state.real, state.imag,
+                         lengths, engine, complex_out)
+    w = torch.complex(out[0], out[1]) if complex_out else out[0]
+    return w, torch.complex(out[-2], out[-1])
