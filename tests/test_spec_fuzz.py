@@ -364,7 +364,8 @@ def test_regressions_from_the_fuzzer(path):
         main = Path(d, MAIN)
         main.write_text(path.read_text())
         check_backends(str(main))
-        check_faces(str(main), cut=3)
+        for cut in (0, 3):          # an empty first chunk, and a cut inside the sequence
+            check_faces(str(main), cut=cut)
         for modes in (("conv", "scan"), ("scan", "recurrent")):
             check_plans(str(main), modes)
         check_fmt({MAIN: path.read_text()}, d)
