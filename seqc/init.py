@@ -65,8 +65,11 @@ def init_weights(graph, seed: int = 0) -> dict[str, np.ndarray]:
     """Every weight of `graph`, float64, keyed exactly like ``graph.weight_shapes()``."""
     out = {}
     for node in graph.order():
-        shapes = {k: tuple(int(d) for d in s) for k, s in node.weight_shapes().items()}
-        if shapes:
+        owned = node.weight_shapes()
+        if owned:
+            # the initialiser sees every weight of the layer, a tied one too (a tied linear's bias is
+            # drawn from its weight's fan-in); only the layer's own weights are kept
+            shapes = {k: tuple(int(d) for d in s) for k, s in node.spec.weights(node.input_shapes, node.attrs).items()}
             layer = init_layer(node.op, shapes, node.attrs, layer_rng(seed, node.name))
-            out.update({join(node.name, k): w for k, w in layer.items()})
+            out.update({join(node.name, k): w for k, w in layer.items() if k in owned})
     return out

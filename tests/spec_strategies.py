@@ -2,7 +2,10 @@
 
 ``specs()`` draws a whole program: a model (float or token inputs, one or several
 inputs and outputs, parameters whose defaults use parameter arithmetic) built
-from random compositions of every op the language has, user-defined blocks with
+from random compositions of every op the language has (with attention's variants -
+grouped-query, rotary, sliding window, bidirectional -, ``direction = bidirectional``
+on ssm / selective_ssm / rglru, and linears tied to an earlier layer's weight with
+``tie =``), user-defined blocks with
 parameters and defaults (called plainly, ``as name``, ``repeat(n) ... as name``,
 holding an ``as self`` layer, nested), blocks of the standard library
 (``include "std/..."``) and blocks placed in generated sibling files that the
@@ -24,7 +27,7 @@ from hypothesis import strategies as st
 
 from seqc.registry import OPS
 
-ACTIVATIONS = ("silu", "gelu", "relu", "softplus", "sigmoid", "tanh")
+ACTIVATIONS = ("silu", "gelu", "relu", "softplus", "sigmoid", "tanh", "gelu_tanh")
 ACT_ATTR = ("identity",) + ACTIVATIONS
 SSM_DISC = ("zoh", "bilinear", "euler", "backward_euler")
 SEL_DISC = ("mamba", "zoh", "bilinear")
@@ -104,9 +107,12 @@ class Line:
 
 @dataclass
 class T:
-    """A tensor in scope: its name and feature width (None: integer tokens)."""
+    """A tensor in scope: its name and feature width (None: integer tokens); `weight`: the shape of
+    the `weight` of the layer that produced it, where another linear may tie to it."""
     name: str
     width: int | None
+    weight: tuple[int, int] | None = None
+    layer: str = ""                     # the op of that layer
 
 
 class File:
@@ -203,7 +209,8 @@ class Gen:
     def statement(self, scope, pool, lines):
         ops = ["linear", "conv1d", "norm", "activation", "dropout", "binary", "gate", "glu", "split", "concat",
                "math", "reduce",
-               "ssm", "selective_ssm", "lstm", "attention", "block", "block", "block", "std_block", "std_block"]
+               "ssm", "selective_ssm", "lstm", "attention", "mixer",
+               "block", "block", "block", "std_block", "std_block"]
         if scope["depth"] >= 2:
             ops = [o for o in ops if o not in ("block", "std_block")]
         if any(t.width is None for t in pool):
@@ -247,7 +254,9 @@ class Gen:
                 line.add(value)
 
     # -- ops -----------------------------------------------------------------------------------
-    def op_linear(self, scope, pool, lines, x):
+    def op_linear(self, scope, pool, lines, x, tie=True):
+        if tie and any(t.weight is not None for t in pool) and self.flag(0.25):
+            return self.op_tie(scope, pool, lines, x)
         out = self.d(st.integers(1, 8))
         line = Line(f"linear({self.tensor_arg(scope, pool, x)}, ")
         if self.flag(0.5):
@@ -266,7 +275,27 @@ class Gen:
         self.attrs(line, extra)
         line.add(")")
         self.features.add("linear")
-        self.bind(scope, pool, lines, line, out)
+        t = self.bind(scope, pool, lines, line, out)
+        t.weight, t.layer = (out, x.width), "linear"
+
+    def op_tie(self, scope, pool, lines, x):
+        """A linear tied to the `weight` of an earlier layer of the same shape (an embedding: a tied
+        head; or another linear)."""
+        pairs = [(t, y) for t in pool if t.weight is not None for y in self.float_pool(pool)
+                 if y.width == t.weight[1]]
+        if not pairs:
+            return self.op_linear(scope, pool, lines, x, tie=False)
+        owner, y = pairs[-1] if self.flag(0.5) else self.pick(pairs)
+        out = owner.weight[0]
+        line = Line(f"linear({self.tensor_arg(scope, pool, y)}, {self.dim(out, scope['env'])}")
+        extra = [("tie", owner.name, "3", "bad attribute value")]
+        if self.flag(0.5):
+            extra.append(("bias", self.pick(["true", "false"]), "2", "bad attribute value"))
+        self.attrs(line, extra)
+        line.add(")")
+        self.features.add(f"tie-{owner.layer}")
+        t = self.bind(scope, pool, lines, line, out)
+        t.weight, t.layer = owner.weight, owner.layer
 
     def op_conv1d(self, scope, pool, lines, x):
         k = self.d(st.integers(1, 4))
@@ -281,8 +310,14 @@ class Gen:
         self.features.add("conv1d")
         self.bind(scope, pool, lines, line, x.width)
 
+    def op_mixer(self, scope, pool, lines, x):
+        """One of the newer sequence mixers (one slot of the op draw, so the older ops keep their share)."""
+        getattr(self, "op_" + self.pick(["ssd", "gla", "rglru"]))(scope, pool, lines, x)
+
     def op_norm(self, scope, pool, lines, x):
-        kind = self.pick(["layernorm", "rmsnorm"])
+        kind = self.pick(["layernorm", "rmsnorm", "gated_rmsnorm"])
+        if kind == "gated_rmsnorm":
+            return self.op_gated_rmsnorm(scope, pool, lines, x)
         line = Line(f"{kind}({x.name}")
         extra = []
         if self.flag(0.4):
@@ -422,7 +457,10 @@ class Gen:
             extra.append(("init", self.pick(["s4d_lin", "s4d_inv", "s4d_real", "hippo_legs", '"s4d-lin"']),
                           "s4d", "bad attribute value"))
         if self.flag(0.6):
-            extra.append(("disc", self.pick(SSM_DISC), "mamba", "bad attribute value"))
+            # forward Euler is unstable for the oscillating modes of diag / s5 (|1 + dt A| > 1): values grow
+            # to 1e9 over 64 steps, where the FFT and scan plans differ by rounding alone
+            discs = [m for m in SSM_DISC if m != "euler" or kind not in ("diag", "s5")]
+            extra.append(("disc", self.pick(discs), "mamba", "bad attribute value"))
         plan = None
         if self.flag(0.4):
             plan = self.pick(["auto", "conv", "scan", "recurrent"])
@@ -431,10 +469,122 @@ class Gen:
             extra.append(("dt_min", "0.01", "-0.01", "bad attribute value"))
         if self.flag(0.2):
             extra.append(("dt_max", "0.2", "0.0001", "dt range"))
+        self.direction(extra)
         self.attrs(line, extra)
         line.add(")")
         self.features.add(f"ssm-{kind}")
         self._self_or_bind(scope, pool, lines, line, x.width, stateful=True)
+
+    def direction(self, extra):
+        """Sometimes `direction = bidirectional` (or the default written out)."""
+        if self.flag(0.15):
+            extra.append(("direction", "bidirectional", "both", "bad attribute value"))
+            self.features.add("bidirectional")
+        elif self.flag(0.1):
+            extra.append(("direction", "causal", "forward", "bad attribute value"))
+
+    def op_ssd(self, scope, pool, lines, x):
+        """Mamba-2's SSD: heads * head_dim = x's width, dt one per head, B and C n_groups * d_state."""
+        env = scope["env"]
+        d = x.width
+        heads = self.pick([k for k in range(1, d + 1) if d % k == 0])
+        groups = self.pick([k for k in range(1, heads + 1) if heads % k == 0])
+        n = self.d(st.integers(1, 3))
+        softplus = self.flag(0.8)
+        dt, bc, b, c = (self.scope_name(scope) for _ in range(4))
+        if softplus:
+            lines.append(Line(f"{dt} = linear({x.name}, {self.dim(heads, env)})"))
+        else:   # no softplus: dt + dt_bias stays positive by construction (dt_min = 1: the bias is > 0)
+            lines.append(Line(f"{dt} = softplus(linear({x.name}, {self.dim(heads, env)}))"))
+        lines.append(Line(f"{bc} = linear({x.name}, {self.dim(2 * groups * n, env)}, bias = false)"))
+        lines.append(Line(f"{b}, {c} = split({bc}, 2)"))
+        line = Line("ssd(")
+        if self.flag(0.5):
+            line.add(f"{x.name}, {dt}, {b}, {c}")
+        else:
+            line.add(f"{x.name}, dt = {dt}, B = {b}, C = {c}")
+        extra = [("head_dim", self.dim(d // heads, env), str(d // heads + 1), "wrong dimension"),
+                 ("d_state", self.dim(n, env), str(n + 1), "wrong dimension")]
+        if groups > 1 or self.flag(0.3):
+            extra.append(("n_groups", self.dim(groups, env), "0", "bad attribute value"))
+        if self.flag(0.7):      # short chunks: the chunked plan crosses chunk boundaries at fuzzing lengths
+            extra.append(("chunk", str(self.d(st.integers(1, 8))), "0", "bad attribute value"))
+        if not softplus:
+            extra += [("dt_softplus", "false", "no", "bad attribute value"),
+                      ("dt_min", "1.0", "-1.0", "bad attribute value"), ("dt_max", "2.0", "0.5", "dt range")]
+        elif self.flag(0.2):
+            extra.append(("dt_max", "0.05", "0.0001", "dt range"))
+        if self.flag(0.4):
+            extra.append(("plan", self.pick(["auto", "scan", "recurrent"]), "conv", "bad attribute value"))
+        self.attrs(line, extra)
+        line.add(")")
+        pool.extend([T(dt, heads), T(b, groups * n), T(c, groups * n)])
+        self.features.add("ssd")
+        self._self_or_bind(scope, pool, lines, line, d, stateful=True)
+
+    def op_gated_rmsnorm(self, scope, pool, lines, x):
+        z = self._partner(pool, x)
+        w = x.width
+        line = Line(f"gated_rmsnorm({x.name}, {z.name}")
+        extra = []
+        if self.flag(0.6):
+            g = self.pick([k for k in range(1, w + 1) if w % k == 0])
+            extra.append(("groups", self.dim(g, scope["env"]), str(w + 1), "wrong dimension"))
+        if self.flag(0.4):
+            extra.append(("eps", self.pick(["1e-5", "0.001"]), "-1e-5", "bad attribute value"))
+        self.attrs(line, extra)
+        line.add(")")
+        self.features.add("gated_rmsnorm")
+        self.bind(scope, pool, lines, line, w)
+
+    def op_gla(self, scope, pool, lines, x):
+        """Gated / fixed-decay / plain linear attention; key and value widths per head."""
+        env = scope["env"]
+        w = x.width
+        heads = self.d(st.integers(1, 3))
+        extra = []
+        for key in ("key_dim", "value_dim"):
+            if w % heads == 0 and self.flag(0.4):
+                continue                       # 0: the input width
+            extra.append((key, self.dim(heads * self.d(st.integers(1, 3)), env),
+                          *((str(heads * 4 + 1), "wrong dimension") if heads > 1 else ("-1", "bad attribute value"))))
+        decay = self.pick(["gated", "fixed", "none"])
+        if decay != "gated" or self.flag(0.5):
+            extra.append(("decay", decay, "retnet", "bad attribute value"))
+        if decay == "gated":
+            if self.flag(0.6):
+                extra.append(("gate_rank", self.dim(self.d(st.integers(1, 4)), env), "0", "bad attribute value"))
+            if self.flag(0.3):
+                extra.append(("gate_normalizer", self.pick(["1.0", "4.0", "16"]), "0", "bad attribute value"))
+        if self.flag(0.4):
+            extra.append(("plan", self.pick(["auto", "scan", "recurrent"]), "conv", "bad attribute value"))
+        line = Line(f"gla({self.tensor_arg(scope, pool, x)}, heads = ")
+        line.mut(self.dim(heads, env), "0", "bad attribute value")
+        self.attrs(line, extra)
+        line.add(")")
+        self.features.add(f"gla-{decay}")
+        self._self_or_bind(scope, pool, lines, line, w, stateful=True)
+
+    def op_rglru(self, scope, pool, lines, x):
+        """Griffin's RG-LRU: heads divide the width; reset on or off; causal or bidirectional."""
+        w = x.width
+        heads = self.pick([k for k in range(1, w + 1) if w % k == 0])
+        line = Line(f"rglru({self.tensor_arg(scope, pool, x)}")
+        extra = []
+        if heads > 1 or self.flag(0.3):
+            extra.append(("heads", self.dim(heads, scope["env"]), str(w + 1), "wrong dimension"))
+        if self.flag(0.3):
+            extra.append(("c", self.pick(["8.0", "2.0", "1"]), "-8.0", "bad attribute value"))
+        reset = self.flag(0.7)
+        if not reset or self.flag(0.3):
+            extra.append(("reset", "true" if reset else "false", "2", "bad attribute value"))
+        if self.flag(0.4):
+            extra.append(("plan", self.pick(["auto", "scan", "recurrent"]), "conv", "bad attribute value"))
+        self.direction(extra)
+        self.attrs(line, extra)
+        line.add(")")
+        self.features.add("rglru" + ("" if reset else "-noreset"))
+        self._self_or_bind(scope, pool, lines, line, w, stateful=True)
 
     def _self_or_bind(self, scope, pool, lines, line, width, stateful):
         if scope["depth"] > 0 and not scope["self"] and self.flag(0.5):
@@ -482,6 +632,7 @@ class Gen:
             extra.append(("plan", self.pick(["auto", "scan", "recurrent"]), "conv", "illegal plan"))
         if self.flag(0.2):
             extra.append(("dt_max", "0.05", "0.0001", "dt range"))
+        self.direction(extra)
         self.attrs(line, extra)
         if not any(key == "plan" for key, *_ in extra):
             line.mut("", ", plan = conv", "illegal plan")      # an insertion
@@ -512,25 +663,59 @@ class Gen:
         self._self_or_bind(scope, pool, lines, line, h, stateful=True)
 
     def op_attention(self, scope, pool, lines, x):
-        heads = [k for k in range(1, x.width + 1) if x.width % k == 0]
-        h = self.pick(heads)
+        """Multi-head attention: grouped-query (kv_heads), an explicit head_dim, rotary (rope), a
+        sliding window, or bidirectional (causal = false: no step, no streaming)."""
+        w, env = x.width, scope["env"]
+        h = self.pick(range(1, 5)) if self.flag(0.3) else self.pick([k for k in range(1, w + 1) if w % k == 0])
+        rope = self.flag(0.3)
+        # head_dim: 0 (= w / heads) where heads divide w, else explicit (even with rope)
+        hd = w // h if w % h == 0 and not self.flag(0.3) else 0
+        explicit = hd == 0 or (rope and hd % 2)
+        if explicit:
+            hd = 2 * self.d(st.integers(1, 2)) if rope else self.d(st.integers(1, 4))
         line = Line(f"attention({x.name}, ")
-        line.add("heads = ").mut(self.dim(h, scope["env"]), str(x.width + 1), "wrong dimension")
+        if explicit:
+            line.add("heads = ").mut(self.dim(h, env), "0", "bad attribute value")
+        else:
+            line.add("heads = ").mut(self.dim(h, env), str(w + 1), "wrong dimension")
+        extra = []
+        if explicit:
+            extra.append(("head_dim", self.dim(hd, env), "-1", "bad attribute value"))
+        elif self.flag(0.2):
+            extra.append(("head_dim", "0", "-1", "bad attribute value"))
+        if self.flag(0.4):
+            kv = self.pick([k for k in range(1, h + 1) if h % k == 0])
+            extra.append(("kv_heads", self.dim(kv, env), str(h + 1), "wrong dimension"))
+        if rope:
+            extra.append(("rope", "true", "1", "bad attribute value"))
+            if self.flag(0.3):
+                extra.append(("rope_theta", self.pick(["100.0", "10000.0", "500000"]), "0", "bad attribute value"))
+        causal = not self.flag(0.15)
+        if not causal:
+            extra.append(("causal", "false", "0", "bad attribute value"))
+            self.features.add("bidirectional")
+        elif self.flag(0.4):
+            extra.append(("window", str(self.d(st.integers(1, 4))), "-1", "bad attribute value"))
+            self.features.add("attention-window")
         if self.flag(0.3):
-            self.attrs(line, [("bias", self.pick(["true", "false"]), "2", "bad attribute value")])
+            extra.append(("bias", self.pick(["true", "false"]), "2", "bad attribute value"))
+        self.attrs(line, extra)
         line.add(")")
         self.features.add("attention")
-        self._self_or_bind(scope, pool, lines, line, x.width, stateful=True)
+        for key, value, *_ in extra:
+            self.features.add(f"attention-{key}")
+        self._self_or_bind(scope, pool, lines, line, w, stateful=True)
 
     # -- blocks ------------------------------------------------------------------------------
     def op_embedding(self, scope, pool, lines, x):
         """Another embedding of the token input (a model may read its tokens several times)."""
         tokens = next(t for t in pool if t.width is None)
-        dim = self.d(st.integers(1, 6))
-        line = Line(f"embedding({tokens.name}, ").mut(str(self.d(st.integers(2, 9))), "1.5", "bad attribute value")
+        dim, vocab = self.d(st.integers(1, 6)), self.d(st.integers(2, 9))
+        line = Line(f"embedding({tokens.name}, ").mut(str(vocab), "1.5", "bad attribute value")
         line.add(f", {self.dim(dim, scope['env'])})")
         self.features.add("embedding-again")
-        self.bind(scope, pool, lines, line, dim)
+        t = self.bind(scope, pool, lines, line, dim)
+        t.weight, t.layer = (vocab, dim), "embedding"
 
     def op_std_block(self, scope, pool, lines, x):
         w = x.width
@@ -721,7 +906,8 @@ class Gen:
             emb = self.scope_name(scope)
             line = Line("embedding(tokens, vocab = ").mut(str(vocab), "0", "bad attribute value")
             line.add(", dim = ").mut(self.dim(d_model, env), "-2", "bad attribute value").add(")")
-            self.bind(scope, pool, lines, line, d_model)
+            t = self.bind(scope, pool, lines, line, d_model)
+            t.weight, t.layer = (vocab, d_model), "embedding"
             self.features.add("embedding")
         else:
             line = Line(f"input x: [{bsym}, {lsym}, ").mut(self.dim(d_model, env), "0", "wrong dimension").add("]")

@@ -126,6 +126,9 @@ class NumpyModel:
             weights, xs = xs[-1], xs[:-1]
         xs = self._inputs(xs)
         weights = self._check(weights)
+        if return_state and state is None and xs[0].ndim >= 1:
+            # a layer without a causal face (bidirectional) refuses a state here, as on torch
+            self._init_state(xs[0].shape[0], weights)
         if xs[0].ndim >= 2 and xs[0].shape[1] == 0:     # an empty chunk: no outputs, the state unchanged
             outs = [np.zeros((xs[0].shape[0], 0, int(self.graph.shape_of(r)[-1]))) for r in self.graph.outputs]
             out = outs[0] if len(outs) == 1 else tuple(outs)

@@ -148,6 +148,7 @@ class GatedRMSNorm(Layer):
     def forward(self, x, z):
         work = work_dtype(x, self.weight)
         g = x.to(work) * F.silu(z.to(work))
-        parts = g.view(*g.shape[:-1], self.attrs["groups"], -1)
+        groups = self.attrs["groups"]      # (the group width spelled out: -1 is ambiguous for an empty chunk)
+        parts = g.reshape(*g.shape[:-1], groups, g.shape[-1] // groups)
         parts = parts * torch.rsqrt(parts.pow(2).mean(-1, keepdim=True) + self.attrs["eps"])
         return (parts.view(g.shape) * self.weight.to(work)).to(output_dtype(x.dtype, work))
