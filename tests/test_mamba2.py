@@ -342,3 +342,23 @@ def test_tied_head_reuses_the_embedding(tmp_path):
     tokens = torch.randint(0, cfg.vocab_size, (1, 9), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         assert_agree(ref(tokens).logits, ours(tokens), HF_TOL, "logits")
+
+
+@pytest.mark.parametrize("L, chunk, G, with_h0", [(11, 4, 2, False), (8, 8, 1, True), (3, 8, 4, False)])
+def test_chunked_function_gradcheck(L, chunk, G, with_h0):
+    """The hand-written backward of the chunked SSD against finite differences (torch.autograd.gradcheck,
+    float64), with and without an initial state, padded and whole chunks."""
+    from seqc.backends.torch.ops.ssd import ssd_chunked
+    g = torch.Generator().manual_seed(L)
+    b, H, P, N = 2, 4, 2, 3
+    x = torch.randn(b, L, H, P, dtype=torch.float64, generator=g)
+    dt = torch.rand(b, L, H, dtype=torch.float64, generator=g)
+    a = -torch.rand(H, dtype=torch.float64, generator=g) - 0.1
+    B, C = (torch.randn(b, L, G, N, dtype=torch.float64, generator=g) for _ in range(2))
+    D = torch.randn(H, dtype=torch.float64, generator=g)
+    ins = [x, dt, a, B, C, D] + ([torch.randn(b, H, P, N, dtype=torch.float64, generator=g)] if with_h0 else [])
+    ins = [t.requires_grad_() for t in ins]
+
+    def f(*t):
+        return ssd_chunked(*t[:5], t[6] if with_h0 else None, chunk, D=t[5])
+    assert torch.autograd.gradcheck(f, ins)
