@@ -1,9 +1,13 @@
-"""conv1d as a torch layer: causal depthwise convolution (F.conv1d on a window
-of the last K-1 inputs) then the activation; ``step`` is a dot product with the taps."""
+"""conv1d as a torch layer: causal depthwise convolution then the activation;
+``step`` is a dot product with the taps.
+
+The sequence form works time-major, (B, K-1+L, D) after the window of the last K-1
+inputs, as K shifted multiply-adds (``addcmul``), one per tap: for the few taps of
+these convolutions that is faster on CPU, forward and backward, than ``F.conv1d``
+with ``groups = D``, which needs channel-major copies on the way in and out."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ..base import Recurrent, check_lengths
 from .elementwise import activation
@@ -18,13 +22,18 @@ class Conv1d(Recurrent):
         lengths = check_lengths(lengths, x)
         batch, length, d = x.shape
         taps = self.weight.shape[-1]
-        window = (x.new_zeros(batch, d, taps - 1) if state is None else state["window"].to(x.dtype))
-        padded = torch.cat([window, x.transpose(1, 2)], -1)                # (B, D, K-1+L)
-        y = F.conv1d(padded, self.weight, getattr(self, "bias", None), groups=d)
-        y = activation(self.attrs["activation"])(y).transpose(1, 2)
+        window = (x.new_zeros(batch, taps - 1, d) if state is None else state["window"].to(x.dtype).transpose(1, 2))
+        padded = torch.cat([window, x], 1)                                  # (B, K-1+L, D)
+        w = self.weight[:, 0, :].t()                                        # (K, D)
+        bias = getattr(self, "bias", None)
+        newest = padded[:, taps - 1:]
+        y = newest * w[taps - 1] if bias is None else torch.addcmul(bias, newest, w[taps - 1])
+        for k in range(taps - 1):
+            y = torch.addcmul(y, padded[:, k:k + length], w[k])
+        y = activation(self.attrs["activation"])(y)
         if not return_state:
             return y
-        return y, {"window": self._last_inputs(padded, lengths, taps - 1)}
+        return y, {"window": self._last_inputs(padded.transpose(1, 2), lengths, taps - 1)}
 
     def step(self, x_t, state=None):
         """One token: a dot product of the window with the taps (no convolution call)."""
