@@ -362,3 +362,30 @@ def test_chunked_function_gradcheck(L, chunk, G, with_h0):
     def f(*t):
         return ssd_chunked(*t[:5], t[6] if with_h0 else None, chunk, D=t[5])
     assert torch.autograd.gradcheck(f, ins)
+
+
+@pytest.mark.parametrize("bias, kernel, with_state", [(True, 4, False), (False, 3, True), (True, 1, True)])
+def test_conv1d_layer_matches_torch_depthwise_conv(bias, kernel, with_state):
+    """The time-major shifted multiply-add conv1d (values, input / weight / bias / window gradients)
+    against torch's F.conv1d with groups = channels on the window-padded input."""
+    import torch.nn.functional as F
+    g = torch.Generator().manual_seed(kernel)
+    b, L, d = 2, 7, 5
+    layer = LAYERS["conv1d"]([d], dict(kernel=kernel, bias=bias, activation="silu")).double()
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn(p.shape, dtype=torch.float64, generator=g))
+    x = torch.randn(b, L, d, dtype=torch.float64, generator=g, requires_grad=True)
+    window = torch.randn(b, d, kernel - 1, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(b, L, d, dtype=torch.float64, generator=g)
+    y, st = layer(x, state={"window": window} if with_state else None, return_state=True)
+    ins = [x] + ([window] if with_state else []) + list(layer.parameters())
+    grads = torch.autograd.grad((y * w).sum(), ins)
+    start = window if with_state else torch.zeros_like(window)
+    padded = torch.cat([start, x.transpose(1, 2)], -1)
+    ref = F.silu(F.conv1d(padded, layer.weight, layer.bias if bias else None, groups=d)).transpose(1, 2)
+    ref_grads = torch.autograd.grad((ref * w).sum(), ins)
+    assert_agree(ref, y, 1e-13, "output")
+    assert_agree(padded[..., L:], st["window"], 0, "window")
+    for r, c in zip(ref_grads, grads):
+        assert_agree(r, c, 1e-13, "gradient")
