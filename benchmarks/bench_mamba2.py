@@ -9,8 +9,8 @@ same weights, all ratios measured in one run:
 * what the planner picks for the SSD layer at lengths 1..1024 (training and
   inference) against the measured faster plan.
 
-    python -m benchmarks.bench_mamba2 [--repeat 5] [--chunk 64]
-Writes benchmarks/results/mamba2.json.
+    python -m benchmarks.bench_mamba2 [--repeat 5] [--chunk 64] [--save | --out DIR]
+Writes mamba2.json (into benchmarks/results/ with --save).
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import warnings
 
 import torch
 
-from benchmarks.common import compare_ms, median_ms, save
+from benchmarks.common import add_output_options, compare_ms, median_ms, save, set_output
 
 CONFIG = dict(hidden_size=128, num_heads=8, head_dim=32, expand=2, state_size=64, n_groups=1, num_hidden_layers=2,
               vocab_size=256, conv_kernel=4)
@@ -121,7 +121,9 @@ def main():
     ap.add_argument("--chunk", type=int, default=64, help="chunk_size of the config (both implementations)")
     ap.add_argument("--train-length", type=int, default=2048)
     ap.add_argument("--plan-length", type=int, default=4096)
+    add_output_options(ap)
     args = ap.parse_args()
+    set_output(args)
     ref, ours, cfg = models(args.chunk)
     out = {"config": {**CONFIG, "chunk_size": args.chunk, "batch": BATCH, "dtype": "float32"},
            "torch_threads": torch.get_num_threads()}

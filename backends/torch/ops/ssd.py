@@ -7,6 +7,7 @@
   1-semiseparable decay mask per head, the chunk states (the heads of a group
   stacked into one matmul), the chunk-to-chunk recurrence (L / chunk cheap
   elementwise steps), and the states read back through C.  Padding to whole chunks uses dt = 0 (decay 1, no input).
+  One autograd Function with a hand-written backward (``_ChunkedSSD``), the D skip included.
 * ``recurrent``: ``step`` in a loop over time (what decoding runs).
 
 ``lengths=``: dt is zeroed past each length, so the state stops there.
@@ -24,41 +25,131 @@ def _prepare_dt(dt, dt_bias, softplus):
     return F.softplus(dt) if softplus else dt
 
 
-def ssd_chunked(x, dt, a, B, C, h0, chunk):
+def _pad_time(t, pad):
+    return F.pad(t, (0,) * (2 * (t.dim() - 2)) + (0, pad)) if pad else t
+
+
+class _ChunkedSSD(torch.autograd.Function):
+    """The chunked SSD form with a hand-written backward (the saved intermediates are the decay
+    and mixing matrices of the diagonal blocks and the chunk start states; nothing is stored
+    twice).  The causal mask is applied to the scores ``C B^T`` (shared by the heads of a
+    group) and the decay exponent is masked to 0 before exp, never to -inf (exp(-inf) takes
+    a slow path on CPU)."""
+
+    @staticmethod
+    def forward(ctx, x, dt, a, B, C, D, h0, chunk):
+        """x (b, L, H, P), dt (b, L, H) (prepared), a (H,), B, C (b, L, G, N), D (H,) or None,
+        h0 (b, H, P, N) or None -> y (b, L, H, P) with the D skip, final state (b, H, P, N)."""
+        b, L, H, P = x.shape
+        G, N = B.shape[2], B.shape[3]
+        R, Q = H // G, chunk
+        pad = (-L) % Q
+        c = (L + pad) // Q
+        xq = _pad_time(x, pad).reshape(b, c, Q, H, P)
+        dtq = _pad_time(dt, pad).reshape(b, c, Q, H)
+        cs = torch.cumsum(dtq * a, 2)                                          # (b, c, Q, H)
+        Xt = xq * dtq[..., None]                                               # dt x, time-major
+        Xh = Xt.permute(0, 1, 3, 2, 4).contiguous()                            # (b, c, H, Q, P)
+        Bc = _pad_time(B, pad).reshape(b, c, Q, G, N).transpose(2, 3).contiguous()   # (b, c, G, Q, N)
+        Cc = _pad_time(C, pad).reshape(b, c, Q, G, N).transpose(2, 3).contiguous()
+        csh = cs.transpose(2, 3)
+        decay = torch.sub(csh[..., :, None], csh[..., None, :], out=cs.new_empty(b, c, H, Q, Q))
+        upper = torch.ones(Q, Q, dtype=torch.bool, device=x.device).triu_(1)
+        decay.masked_fill_(upper, 0.0).exp_()
+        scores = (Cc @ Bc.transpose(-1, -2)).masked_fill_(upper, 0.0)          # (b, c, G, Q, Q)
+        M = torch.empty_like(decay)
+        torch.mul(decay.view(b, c, G, R, Q, Q), scores[:, :, :, None], out=M.view(b, c, G, R, Q, Q))
+        Yd = M @ Xh                                                            # (b, c, H, Q, P)
+        last = cs[:, :, -1]                                                    # (b, c, H)
+        wd = torch.exp(last[:, :, None] - cs)                                  # (b, c, Q, H)
+        W = (Xt * wd[..., None]).view(b, c, Q, G, R * P).transpose(2, 3)       # (b, c, G, Q, R P)
+        S = Bc.transpose(-1, -2) @ W                                           # (b, c, G, N, R P)
+        carry = torch.exp(last)
+        cg = carry.view(b, c, G, 1, R, 1)
+        starts = S.new_empty(b, c, G, N, R * P)
+        if h0 is None:
+            starts[:, 0] = 0
+        else:
+            starts[:, 0] = h0.view(b, G, R, P, N).permute(0, 1, 4, 2, 3).reshape(b, G, N, R * P)
+        h = None
+        for k in range(c):
+            nxt = torch.addcmul(S[:, k].view(b, G, N, R, P), starts[:, k].view(b, G, N, R, P), cg[:, k])
+            if k + 1 < c:
+                starts[:, k + 1] = nxt.view(b, G, N, R * P)
+            else:
+                h = nxt
+        U = Cc @ starts                                                        # (b, c, G, Q, R P)
+        E = torch.exp(cs)
+        y = U.view(b, c, G, Q, R, P).permute(0, 1, 3, 2, 4, 5).reshape(b, c, Q, H, P) * E[..., None]
+        y += Yd.permute(0, 1, 3, 2, 4)
+        y = y.view(b, c * Q, H, P)
+        if pad:
+            y = y[:, :L].contiguous()
+        if D is not None:
+            y.addcmul_(x, D[:, None])
+        ctx.save_for_backward(x, dt, a, D, Bc, Cc, Xt, Xh, decay, M, wd, W, starts, U, E, carry)
+        ctx.dims = (b, L, H, P, G, N, R, Q, pad, c, h0 is not None)
+        return y, h.permute(0, 1, 3, 4, 2).reshape(b, H, P, N)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy, dh):
+        x, dt, a, D, Bc, Cc, Xt, Xh, decay, M, wd, W, starts, U, E, carry = ctx.saved_tensors
+        b, L, H, P, G, N, R, Q, pad, c, has_h0 = ctx.dims
+        dyq = _pad_time(dy, pad).reshape(b, c, Q, H, P)
+        # off-diagonal part y = E (C . starts)
+        dE = (dyq.view(b, c, Q, G, R, P) * U.view(b, c, G, Q, R, P).transpose(2, 3)).sum(-1).view(b, c, Q, H)
+        dcs = dE * E
+        dU = (dyq * E[..., None]).view(b, c, Q, G, R * P).transpose(2, 3)      # (b, c, G, Q, R P)
+        dCc = dU @ starts.transpose(-1, -2)
+        dstarts = Cc.transpose(-1, -2) @ dU                                    # (b, c, G, N, R P)
+        cg = carry.view(b, c, G, 1, R, 1)
+        g = dh.view(b, G, R, P, N).permute(0, 1, 4, 2, 3)                     # (b, G, N, R, P)
+        dS = torch.empty_like(starts)
+        for k in range(c - 1, -1, -1):
+            dS[:, k] = g.reshape(b, G, N, R * P)
+            g = torch.addcmul(dstarts[:, k].view(b, G, N, R, P), g, cg[:, k])
+        dh0 = g.permute(0, 1, 3, 4, 2).reshape(b, H, P, N) if has_h0 else None
+        dlast = (dS.view(b, c, G, N, R, P) * starts.view(b, c, G, N, R, P)).sum((3, 5)).view(b, c, H) * carry
+        # chunk states S = B^T W
+        dW = Bc @ dS                                                           # (b, c, G, Q, R P)
+        dBc = W @ dS.transpose(-1, -2)
+        dWt = dW.transpose(2, 3).reshape(b, c, Q, H, P)
+        dXt = dWt * wd[..., None]
+        t = (dWt * Xt).sum(-1) * wd
+        dcs -= t
+        dlast += t.sum(2)
+        dcs[:, :, -1] += dlast
+        # diagonal blocks y = M Xh, M = decay * scores
+        dYh = dyq.permute(0, 1, 3, 2, 4).contiguous()
+        dM = dYh @ Xh.transpose(-1, -2)                                        # (b, c, H, Q, Q)
+        dXt += (M.transpose(-1, -2) @ dYh).permute(0, 1, 3, 2, 4)
+        dscores = (dM.view(b, c, G, R, Q, Q) * decay.view(b, c, G, R, Q, Q)).sum(3)
+        dscores.masked_fill_(torch.ones(Q, Q, dtype=torch.bool, device=x.device).triu_(1), 0.0)
+        dM *= M
+        dcs += (dM.sum(-1) - dM.sum(-2)).transpose(2, 3)
+        dCc += dscores @ Bc
+        dBc += dscores.transpose(-1, -2) @ Cc
+        # cs = cumsum(dt a), Xt = dt x
+        dA = dcs.flip(2).cumsum(2).flip(2)
+        dtq = _pad_time(dt, pad).reshape(b, c, Q, H)
+        xq = _pad_time(x, pad).reshape(b, c, Q, H, P)
+        ddt = (dA * a + (dXt * xq).sum(-1)).view(b, c * Q, H)[:, :L]
+        da = (dA * dtq).sum((0, 1, 2))
+        dx = (dXt * dtq[..., None]).view(b, c * Q, H, P)[:, :L]
+        dD = None
+        if D is not None:
+            dx = dx.addcmul(dy, D[:, None])
+            dD = (dy * x).sum((0, 1, 3))
+        dB = dBc.transpose(2, 3).reshape(b, c * Q, G, N)[:, :L]
+        dC = dCc.transpose(2, 3).reshape(b, c * Q, G, N)[:, :L]
+        return dx, ddt, da, dB, dC, dD, dh0, None
+
+
+def ssd_chunked(x, dt, a, B, C, h0, chunk, D=None):
     """x (b, L, H, P), dt (b, L, H) (already biased and softplus'd), a (H,), B, C (b, L, G, N),
-    h0 (b, H, P, N) or None -> y (b, L, H, P) without the D skip, final state (b, H, P, N)."""
-    b, L, H, P = x.shape
-    G, N = B.shape[2], B.shape[3]
-    R = H // G
-    pad = (-L) % chunk
-    if pad:
-        x, dt, B, C = (F.pad(t, (0,) * (2 * (t.dim() - 2)) + (0, pad)) for t in (x, dt, B, C))
-    c, Q = (L + pad) // chunk, chunk
-    xdt = (x * dt[..., None]).view(b, c, Q, H, P)                          # dt_s x_s, time-major
-    Bc = B.view(b, c, Q, G, N).permute(0, 1, 3, 2, 4)                      # (b, c, G, Q, N)
-    Cc = C.view(b, c, Q, G, N).permute(0, 1, 3, 2, 4)
-    cs = torch.cumsum(dt.view(b, c, Q, H) * a, dim=2)                      # (b, c, Q, H): sum_{r<=t} dt_r a
-    csT = cs.transpose(2, 3)                                               # (b, c, H, Q)
-    causal = torch.ones(Q, Q, dtype=torch.bool, device=x.device).tril()
-    decay = torch.exp((csT[..., :, None] - csT[..., None, :]).masked_fill(~causal, float("-inf")))
-    scores = Cc @ Bc.transpose(-1, -2)                                     # (b, c, G, Q, Q), shared by R heads
-    M = (decay.view(b, c, G, R, Q, Q) * scores[:, :, :, None]).view(b, c, H, Q, Q)
-    y = M @ xdt.permute(0, 1, 3, 2, 4)                                     # diagonal blocks (b, c, H, Q, P)
-    # each chunk's own end state: the heads of a group stacked into one (R P, Q) @ (Q, N) product
-    w = xdt * torch.exp(cs[:, :, -1:] - cs)[..., None]
-    S = (w.view(b, c, Q, G, R * P).permute(0, 1, 3, 4, 2) @ Bc).view(b, c, H, P, N)
-    # chunk-to-chunk recurrence (few steps: L / chunk)
-    carry = torch.exp(cs[:, :, -1])                                        # (b, c, H)
-    h = x.new_zeros(b, H, P, N) if h0 is None else h0
-    starts = []
-    for carry_k, S_k in zip(carry.unbind(1), S.unbind(1)):    # unbind: its backward is one stack
-        starts.append(h)
-        h = carry_k[:, :, None, None] * h + S_k
-    starts = torch.stack(starts, 1).view(b, c, G, R * P, N)
-    y_off = (Cc @ starts.transpose(-1, -2)).view(b, c, G, Q, R, P)         # (b, c, G, Q, R, P)
-    y_off = y_off.permute(0, 1, 3, 2, 4, 5).reshape(b, c, Q, H, P) * torch.exp(cs)[..., None]
-    y = (y.permute(0, 1, 3, 2, 4) + y_off).reshape(b, c * Q, H, P)[:, :L]
-    return y, h
+    h0 (b, H, P, N) or None, D (H,) or None -> y (b, L, H, P) (plus D x), final state (b, H, P, N)."""
+    return _ChunkedSSD.apply(x, dt, a, B, C, D, h0, chunk)
 
 
 def ssd_step(x, dt, a, B, C, h):
@@ -111,19 +202,19 @@ class SSD(Recurrent):
             a = -torch.exp(self.A_log.to(work))
             xh, Bg, Cg = self._split(x, B, C)
             h = None if state is None else state["ssm"].to(work)
-            if h is None and (x.shape[1] == 0 or self._choose(x) == "recurrent"):
-                h = x.new_zeros(x.shape[0], self.A_log.shape[0], self.attrs["head_dim"], self.attrs["d_state"])
-            if x.shape[1] == 0:
-                y = xh.clone()
-            elif self._choose(x) == "recurrent":
+            plan = "recurrent" if x.shape[1] == 0 else self._choose(x)
+            if plan == "recurrent":
+                if h is None:
+                    h = x.new_zeros(x.shape[0], self.A_log.shape[0], self.attrs["head_dim"], self.attrs["d_state"])
                 ys = []
                 for t in range(x.shape[1]):
                     y_t, h = ssd_step(xh[:, t], dt[:, t], a, Bg[:, t], Cg[:, t], h)
                     ys.append(y_t)
-                y = torch.stack(ys, 1)
+                y = torch.stack(ys, 1) if ys else xh.clone()
+                y = y + self.D.to(work)[:, None] * xh
             else:
-                y, h = ssd_chunked(xh, dt, a, Bg, Cg, h, self.attrs["chunk"])
-            y = (y + self.D.to(work)[:, None] * xh).reshape(x.shape)
+                y, h = ssd_chunked(xh, dt, a, Bg, Cg, h, self.attrs["chunk"], self.D.to(work))
+            y = y.reshape(x.shape)
         y = y.to(output_dtype(out_dtype, work))
         return (y, {"ssm": h}) if return_state else y
 
