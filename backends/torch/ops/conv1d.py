@@ -20,7 +20,7 @@ class Conv1d(Recurrent):
         taps = self.weight.shape[-1]
         window = (x.new_zeros(batch, d, taps - 1) if state is None else state["window"].to(x.dtype))
         padded = torch.cat([window, x.transpose(1, 2)], -1)                # (B, D, K-1+L)
-        y = F.conv1d(padded, self.weight, getattr(self, "bias", None), groups=d)
+        y = F.conv1d(padded, self.weight, self.optional("bias"), groups=d)
         y = activation(self.attrs["activation"])(y).transpose(1, 2)
         if not return_state:
             return y
@@ -30,9 +30,11 @@ class Conv1d(Recurrent):
         """One token: a dot product of the window with the taps (no convolution call)."""
         if state is None:
             state = self.init_state(x_t.shape[0], x_t.dtype, x_t.device)
-        full = torch.cat([state["window"].to(x_t.dtype), x_t.unsqueeze(-1)], -1)      # (B, D, K)
+        window = state["window"]
+        window = window if window.dtype == x_t.dtype else window.to(x_t.dtype)
+        full = torch.cat([window, x_t.unsqueeze(-1)], -1)                                  # (B, D, K)
         y = (full * self.weight[:, 0, :]).sum(-1)
-        bias = getattr(self, "bias", None)
+        bias = self.optional("bias")
         if bias is not None:
             y = y + bias
         return activation(self.attrs["activation"])(y), {"window": full[..., 1:]}
