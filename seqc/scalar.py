@@ -13,7 +13,8 @@ nested tuples ``(op, *args)``:
 A *printer* is a table from op to a format string (``"{0} + {1}"``) with a
 precedence, plus a few names (how a function header and a return look).  The
 tables for ``numpy``, ``torch`` and ``numba`` (scalar Python inside the
-generated CPU kernels, with ``_exp`` the kernels' vectorisable exp) live here;
+generated CPU kernels, with ``_exp`` and ``_log1p`` the kernels' vectorisable exp
+and log1p) live here;
 other backends add theirs with ``register_printer`` (the Triton backend
 registers ``tl.exp``, ``libdevice.expm1``, ``tl.where``).
 
@@ -109,13 +110,15 @@ def _torch_namespace():
 
 
 def _numba_namespace():
-    return {"math": math, "_exp": math.exp}
+    return {"math": math, "_exp": math.exp, "_log1p": math.log1p}
 
 
 register_printer(Printer("numpy", _arith("numpy.", ("numpy.where({0}, {1}, {2})", 100), {}), _numpy_namespace))
 register_printer(Printer("torch", _arith("torch.", ("torch.where({0}, {1}, {2})", 100), {}), _torch_namespace))
-# Scalar Python for the generated numba kernels: exp is the kernels' vectorisable _exp.
+# Scalar Python for the generated numba kernels: exp and log1p are the kernels' vectorisable
+# _exp and _log1p (libm's would keep the loops scalar).
 register_printer(Printer("numba", _arith("math.", ("{1} if {0} else {2}", 5), {"exp": ("_exp({0})", 100),
+                                                                          "log1p": ("_log1p({0})", 100),
                                                                           "abs": ("abs({0})", 100)}),
                          _numba_namespace))
 

@@ -88,6 +88,9 @@ def test_generated_source_has_no_hand_written_discretization():
         assert "_exp(" in src if method != "bilinear" else "_exp(" not in src
     mamba = cpu_kernels.generate(disc.program("diag", "mamba"), cache=True)
     assert "(_exp(A_re*delta))" in mamba and "dAn[j] += qa * (Abar*delta)" in mamba
+    # softplus in the prologue through the vectorisable log1p, never libm's scalar call
+    fused = cpu_kernels.generate(disc.program("diag", "mamba"), cache=False, flags={"delta_softplus": True})
+    assert "_log1p(" in fused and "math.log1p" not in fused
 
 
 @pytest.mark.parametrize("method", ["bilinear", "zoh", "mamba"])

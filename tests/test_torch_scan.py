@@ -246,3 +246,38 @@ def test_numba_exp_accuracy(dtype, rel):
     nan = np.array([np.nan], dtype)
     apply(nan, nan)
     assert np.isnan(nan[0])
+
+
+@pytest.mark.skipif(not HAVE_NUMBA, reason="no numba")
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_numba_log1p_accuracy(dtype):
+    """The kernels' vectorisable log1p (softplus in the fused prologue) against numpy's in
+    long double, in ulps of the result: measured at most 0.77 (float32) / 0.83 (float64)
+    over these points, bound 1; the edge cases as numpy gives them."""
+    import numba
+    import numpy as np
+
+    from seqc.backends.torch import cpu_kernels
+    cpu_kernels.numba_module()
+
+    @numba.njit
+    def apply(x, out):
+        for i in range(x.size):
+            out[i] = cpu_kernels._log1p(x[i])
+
+    fi = np.finfo(dtype)
+    x = np.concatenate([np.linspace(-1, 1, 40001)[1:], np.geomspace(1e-30, 1e30, 20001),
+                        -np.geomspace(1e-30, 1 - 1e-7, 20001), np.linspace(0, 4.9e8, 20001),
+                        [fi.max, fi.tiny, -fi.tiny]]).astype(dtype)
+    x = x[(x > -1) & (x != 0)]
+    out = np.empty_like(x)
+    apply(x, out)
+    ref = np.log1p(x.astype(np.longdouble))
+    ulps = np.abs(out.astype(np.longdouble) - ref) / np.spacing(np.abs(ref).astype(dtype)).astype(np.longdouble)
+    assert float(ulps.max()) <= 1.0
+    edge = np.array([-1, -2, np.inf, -np.inf, np.nan, 0.0, -0.0], dtype)
+    got = np.empty_like(edge)
+    apply(edge, got)
+    with np.errstate(all="ignore"):
+        np.testing.assert_array_equal(got, np.log1p(edge))
+    assert np.signbit(got[-1]) and not np.signbit(got[-2])

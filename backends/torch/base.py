@@ -6,6 +6,8 @@ length handling, and the base classes (``Layer``, ``Pointwise`` for
 per-position layers, ``Recurrent`` for layers with a state)."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -65,7 +67,12 @@ def accumulator_dtype(dtype) -> torch.dtype:
 
 
 def no_autocast(x):
-    return torch.autocast(device_type=x.device.type, enabled=False)
+    """A context with autocast off for x's device (a no-op context when it is off already:
+    decoding enters this per layer and token)."""
+    device = x.device.type
+    if not torch.is_autocast_enabled(device):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device, enabled=False)
 
 
 def check_lengths(lengths, x, minimum: int = 0):
@@ -164,13 +171,26 @@ class Layer(nn.Module):
         object.__setattr__(self, "_tied_" + name, (owner, owner_name))
 
     def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            tied = self.__dict__.get("_tied_" + name)
-            if tied is None:
-                raise
+        # on every parameter read (layers' hot paths, decoding): look the registries up
+        # directly, as nn.Module.__getattr__ does, instead of calling it and catching
+        d = self.__dict__
+        for registry in ("_parameters", "_buffers", "_modules"):
+            found = d[registry].get(name, d)
+            if found is not d:
+                return found
+        tied = d.get("_tied_" + name)
+        if tied is not None:
             return getattr(tied[0], tied[1])
+        return super().__getattr__(name)        # raises nn.Module's AttributeError
+
+    def optional(self, name: str):
+        """The parameter (or tied parameter) ``name``, None when the layer has none (a
+        bias turned off): no AttributeError raised and caught on the hot path."""
+        d = self.__dict__
+        found = d["_parameters"].get(name)
+        if found is None and "_tied_" + name in d:
+            return getattr(self, name)
+        return found
 
     def init_state(self, batch: int, dtype=torch.float32, device=None) -> dict:
         return {}

@@ -1,7 +1,7 @@
 """Generated numba kernels for the diagonal linear recurrence on CPU.
 
 Owns the kernel *template* and its specialisation, the on-disk kernel cache,
-numba's set-up (the vectorisable ``_exp``), and thread-count hygiene.
+numba's set-up (the vectorisable ``_exp`` and ``_log1p``), and thread-count hygiene.
 
 The kernels run, per (batch, block of channels) job and per time step t,
 
@@ -14,7 +14,9 @@ runs the adjoint ``h_{t-1} = a_t h_t`` and differentiates the prologue with the
 printed *derivative* program (d Abar, d gain by d A, d dt, derived with sympy
 at compile time).  Nothing in this file spells a discretization: the
 prologue's statements come from ``DiscProgram.kernel`` / ``kernel_grad``
-printed for the ``numba`` target, where ``exp`` is ``_exp``.
+printed for the ``numba`` target, where ``exp`` is ``_exp`` and ``log1p`` is
+``_log1p`` (libm's would be a scalar call per element: softplus in the
+prologue then cost more than the whole recurrence).
 
 Kernels are specialised by the discretization program (when its B gain is
 just dt, sums over the state are factored out of the inner loop) and by the
@@ -57,12 +59,25 @@ def _exp(x):
     return math.exp(x)
 
 
+def _log1p(x):
+    """log1p; inside the kernels, the numba overload registered by ``_setup``."""
+    return math.log1p(x)
+
+
 def _register_numba_exp(numba):
-    """Overload ``_exp`` for numba: float32 Cephes expf and float64 degree-13
-    Taylor, both after Cody-Waite reduction, 2**k built from its bits.  Both
-    are accurate to about 1 ulp; arguments are clamped to the normal range
-    (exp(-1000) gives 3e-308, not 0), NaN propagates.  (libm's exp would keep
-    every loop scalar; compiled without fast-math so the reduction stays exact.)"""
+    """Overload ``_exp`` and ``_log1p`` for numba, branch-free so loops calling them
+    vectorise (libm's would keep every loop scalar); compiled without fast-math so
+    the reductions stay exact.
+
+    exp: float32 Cephes expf and float64 degree-13 Taylor, both after Cody-Waite
+    reduction, 2**k built from its bits; about 1 ulp; arguments are clamped to the
+    normal range (exp(-1000) gives 3e-308, not 0), NaN propagates.
+
+    log1p: fdlibm's (musl's log1p / log1pf): 1 + x split into 2**k * m with m in
+    [sqrt(1/2), sqrt(2)) by integer operations on its bits, log(m) from
+    s = f / (2 + f), f = m - 1 (Lg1..Lg7 in float64, Lg1..Lg4 in float32), the
+    rounding of 1 + x corrected by c / (1 + x); about 1 ulp.  x = -1 gives -inf,
+    x < -1 NaN, +inf and NaN themselves."""
     from llvmlite import ir
     from numba import types
     from numba.extending import intrinsic, overload
@@ -75,6 +90,13 @@ def _register_numba_exp(numba):
             bits = builder.trunc(args[0], ity) if args[0].type.width > ity.width else args[0]
             return builder.bitcast(bits, context.get_value_type(like))
         return like(bits, like), codegen
+
+    @intrinsic
+    def as_bits(typingctx, x):
+        """The bits of float ``x`` as a signed integer of its width."""
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], ir.IntType(x.bitwidth))
+        return (types.int32 if x.bitwidth == 32 else types.int64)(x), codegen
 
     f32 = np.float32
     p0, p1, p2, p3, p4, p5 = (f32(v) for v in (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3,
@@ -103,9 +125,64 @@ def _register_numba_exp(numba):
             p = p * r + coef
         return ((p * r + 1.0) * r + 1.0) * as_float((np.int64(k) + 1023) << 52, x)
 
+    # log1p, float32 (musl log1pf)
+    lg1f, lg2f, lg3f, lg4f = (f32(v) for v in (0.66666662693, 0.40000972152, 0.28498786688, 0.24279078841))
+    l2hf, l2lf, zero32, half32, two32 = f32(6.9313812256e-01), f32(9.0580006145e-06), f32(0), f32(0.5), f32(2)
+    inf32, nan32 = f32(np.inf), f32(np.nan)
+
+    @numba.njit(error_model="numpy")          # x = -1 divides by 0 (then replaced by -inf)
+    def log1p32(x):
+        u = one32 + x
+        ix = as_bits(u) + np.int32(0x3f800000 - 0x3f3504f3)
+        k = (ix >> 23) - 0x7f
+        m = as_float((ix & 0x007fffff) + 0x3f3504f3, x)          # in [sqrt(1/2), sqrt(2))
+        c = (one32 - (u - x) if k >= 2 else x - (u - one32)) / u  # 1 + x's rounding error / (1 + x)
+        f = m - one32 if k != 0 else x
+        c = c if k != 0 else zero32
+        s = f / (two32 + f)
+        z = s * s
+        w = z * z
+        r = z * (lg1f + w * lg3f) + w * (lg2f + w * lg4f)
+        hfsq = half32 * f * f
+        dk = f32(k)
+        y = s * (hfsq + r) + (dk * l2lf + c) - hfsq + f + dk * l2hf
+        y = y if u > zero32 else (-inf32 if u == zero32 else nan32)
+        y = y if x != zero32 else x                                # -0 stays -0
+        return y if x < inf32 else x                               # +inf and NaN
+
+    lg = (6.666666666666735130e-01, 3.999999999940941908e-01, 2.857142874366239149e-01,
+          2.222219843214978396e-01, 1.818357216161805012e-01, 1.531383769920937332e-01,
+          1.479819860511658591e-01)
+    lg1, lg2, lg3, lg4, lg5, lg6, lg7 = lg
+    l2h, l2l = 6.93147180369123816490e-01, 1.90821492927058770002e-10
+
+    @numba.njit(error_model="numpy")
+    def log1p64(x):
+        u = 1.0 + x
+        ix = as_bits(u) + np.int64(0x3ff00000 - 0x3fe6a09e) * 4294967296
+        k = (ix >> 52) - 0x3ff
+        m = as_float((ix & 0x000fffffffffffff) + np.int64(0x3fe6a09e) * 4294967296, x)
+        c = (1.0 - (u - x) if k >= 2 else x - (u - 1.0)) / u
+        f = m - 1.0 if k != 0 else x
+        c = c if k != 0 else 0.0
+        s = f / (2.0 + f)
+        z = s * s
+        w = z * z
+        r = z * (lg1 + w * (lg3 + w * (lg5 + w * lg7))) + w * (lg2 + w * (lg4 + w * lg6))
+        hfsq = 0.5 * f * f
+        dk = float(k)
+        y = s * (hfsq + r) + (dk * l2l + c) - hfsq + f + dk * l2h
+        y = y if u > 0.0 else (-np.inf if u == 0.0 else np.nan)
+        y = y if x != 0.0 else x
+        return y if x < np.inf else x
+
     @overload(_exp)
     def _exp_overload(x):
         return (lambda x: exp32(x)) if x == types.float32 else (lambda x: exp64(x))
+
+    @overload(_log1p)
+    def _log1p_overload(x):
+        return (lambda x: log1p32(x)) if x == types.float32 else (lambda x: log1p64(x))
 
 
 def numba_module():
@@ -134,14 +211,14 @@ import math
 import numba
 import numpy as np
 
-from {exp_module} import _exp
+from {exp_module} import _exp, _log1p
 
 _CACHE = {cache}
 # runtime version: {version}
 '''
 
 _FWD = """
-@numba.njit(parallel=True, fastmath={{"contract"}}, cache=_CACHE)
+@numba.njit(parallel=True, fastmath={{"contract"}}, error_model="numpy", cache=_CACHE)
 def fwd(u, dt, A, B, C, Dv, z, bias, chunk, y, ckpt, x):
     \"""u, dt (raw), z, y: (b, L, nw, W); A: (nw, N, W); B, C: (b, L, N); Dv, bias: (nw, W);
     x (b, nw, N, W) holds the initial state on entry and the final state on exit; ckpt
@@ -173,7 +250,7 @@ def fwd(u, dt, A, B, C, Dv, z, bias, chunk, y, ckpt, x):
 """
 
 _BWD = """
-@numba.njit(parallel=True, fastmath={{"contract", "reassoc"}}, cache=_CACHE)
+@numba.njit(parallel=True, fastmath={{"contract", "reassoc"}}, error_model="numpy", cache=_CACHE)
 def bwd(u, dt, A, B, C, Dv, z, bias, ckpt, gy, chunk, h, xs, als, du, ddt, dA, dB, dC, dD, dbias, dz):
     \"""Adjoint of fwd (same layouts).  h (b, nw, N, W) enters as the final-state gradient and
     leaves as the initial-state gradient; dA (b, nw, N, W), dD, dbias (b, nw, W) start at zero;

@@ -45,6 +45,12 @@ from .ops.norms import LayerNorm, RMSNorm
 # -- selective ssm ------------------------------------------------------------------------------
 
 
+def _as(t, dtype):
+    """``t`` in ``dtype`` (None stays None); no ``.to`` call when it already is (decoding
+    makes a dozen of these per layer and token)."""
+    return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
 class SelectiveSSM(Recurrent):
     """Mamba's selective scan (``scan.selective_scan``); plan "recurrent" loops over `step`.
 
@@ -66,8 +72,8 @@ class SelectiveSSM(Recurrent):
 
     def _scan_args(self, work, gate=False):
         flags = scan.kernel_flags(self.attrs, self.region, gate)
-        return dict(A=-torch.exp(self.A_log.to(work)), D=self.D.to(work) if flags["d_skip"] else None,
-                    delta_bias=self.delta_bias.to(work) if flags["delta_bias"] else None,
+        return dict(A=-torch.exp(_as(self.A_log, work)), D=_as(self.D, work) if flags["d_skip"] else None,
+                    delta_bias=_as(self.delta_bias, work) if flags["delta_bias"] else None,
                     delta_softplus=flags["delta_softplus"],
                     disc=self.disc_program if self.disc_program is not None else flags["disc"])
 
@@ -75,7 +81,7 @@ class SelectiveSSM(Recurrent):
         lengths = check_lengths(lengths, u)
         work, out_dtype = work_dtype(u, self.D), u.dtype
         with no_autocast(u):
-            u, delta, B, C, z = (None if t is None else t.to(work) for t in (u, delta, B, C, z))
+            u, delta, B, C, z = (_as(t, work) for t in (u, delta, B, C, z))
             args = self._scan_args(work, z is not None)
             if lengths is not None:
                 delta = self._mask_delta(delta, lengths, args)
@@ -111,11 +117,11 @@ class SelectiveSSM(Recurrent):
     def step(self, u_t, delta_t, B_t, C_t, z_t=None, state=None):
         work = work_dtype(u_t, self.D)
         with no_autocast(u_t):
-            u, delta, B, C, z = (None if t is None else t.to(work) for t in (u_t, delta_t, B_t, C_t, z_t))
-            x = None if state is None else state["x"].to(work)
+            u, delta, B, C, z = (_as(t, work) for t in (u_t, delta_t, B_t, C_t, z_t))
+            x = None if state is None else _as(state["x"], work)
             y, x = scan.selective_scan_step(u, delta, B_t=B, C_t=C, z_t=z, state=x, discretize_fn=self.discretize_fn,
                                             **self._scan_args(work, z is not None))
-        return y.to(output_dtype(u_t.dtype, work)), {"x": x}
+        return _as(y, output_dtype(u_t.dtype, work)), {"x": x}
 
 
 __all__ = ["LAYERS", "Layer", "Pointwise", "Recurrent", "Linear", "Conv1d", "LayerNorm", "RMSNorm",

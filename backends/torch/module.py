@@ -62,6 +62,7 @@ class SeqcModule(nn.Module):
         object.__setattr__(self, "_inputs", declared_inputs(program.graph))
         object.__setattr__(self, "_vocab", token_vocabularies(program.graph))
         object.__setattr__(self, "_state_shapes", {})
+        object.__setattr__(self, "_accepted_inputs", set())     # input signatures check_inputs accepted
         # state keys a layer may add beyond its init_state (attention's ragged-length mask)
         object.__setattr__(self, "_optional_state", {c.state_key: getattr(m, "optional_state", ())
                                                      for c, m in zip(layers, self.layer_modules) if c.stateful})
@@ -90,6 +91,15 @@ class SeqcModule(nn.Module):
             if not isinstance(x, torch.Tensor):
                 raise SeqcError(f"input '{name}' is a {type(x).__module__}.{type(x).__name__}, not a torch tensor; "
                                 f"convert it with torch.as_tensor(...) (the torch backend does not convert inputs)")
+        # shapes, dtypes and devices already accepted (decoding checks every token's): only the token ids
+        compiling = torch.compiler.is_compiling()     # dynamo guards on shapes itself; no cache to trace
+        key = None if compiling else (step, opts["dtype"], opts["device"], len(xs)) + tuple(
+            (x.shape, x.dtype, x.device) for x in xs)
+        if key is not None and key in self._accepted_inputs:
+            for x, (name, _, _) in zip(xs, self._inputs):
+                if name in self._vocab:
+                    _check_tokens(name, x, self._vocab[name])
+            return
         check_inputs(self._inputs, xs, step=step)
         for x, (name, _, dtype) in zip(xs, self._inputs):
             if x.device != opts["device"]:
@@ -100,6 +110,10 @@ class SeqcModule(nn.Module):
                                 f"convert the input (x.to({opts['dtype']})) or the model (model.to({x.dtype}))")
             if name in self._vocab:
                 _check_tokens(name, x, self._vocab[name])
+        if key is not None:
+            if len(self._accepted_inputs) > 64:
+                self._accepted_inputs.clear()
+            self._accepted_inputs.add(key)
 
     def check_batch(self, batch) -> None:
         """``init_state``'s batch: a non-negative Python int."""
@@ -120,7 +134,9 @@ class SeqcModule(nn.Module):
         want = self._state_shapes.get(batch)
         if want is None:
             want = self._state_shapes[batch] = _shapes(self.init_state(batch))
-        _match_state(state, want, "state", self.state_options()["device"], self._optional_state)
+        device = self.state_options()["device"]
+        if not _state_ok(state, want, device, self._optional_state):   # the located error, or a rarer layout
+            _match_state(state, want, "state", device, self._optional_state)
 
     def last_plans(self) -> dict:
         """{layer name: the plan it ran} for every layer with an execution plan, in program
@@ -134,7 +150,11 @@ class SeqcModule(nn.Module):
         return out
 
     def state_options(self) -> dict:
-        p = next((p for p in self.parameters() if p.is_floating_point()), self._dtype_probe)
+        """dtype and device of the first floating parameter (``self.parameters()``'s order),
+        else of the probe buffer; read on every call and token, so a plain walk of the
+        registries rather than the ``parameters()`` generator."""
+        p = _first_float_parameter(self)
+        p = self._dtype_probe if p is None else p
         return {"dtype": p.dtype, "device": p.device}
 
     def trace(self, *xs, hook=None) -> tuple:
@@ -161,6 +181,20 @@ class SeqcModule(nn.Module):
                     raise SeqcError(f"weight '{k}' has shape {tuple(v.shape)}, expected {tuple(t.shape)}")
                 t.copy_(v.to(t.dtype))
         return self
+
+
+def _first_float_parameter(module):
+    """The first floating parameter in ``module.parameters()`` order (the module, then its
+    submodules depth first), or None."""
+    for p in module._parameters.values():
+        if p is not None and p.is_floating_point():
+            return p
+    for child in module._modules.values():
+        if child is not None:
+            p = _first_float_parameter(child)
+            if p is not None:
+                return p
+    return None
 
 
 def token_vocabularies(graph) -> dict:
@@ -192,6 +226,43 @@ def _shapes(state):
     if isinstance(state, (tuple, list)):
         return tuple(_shapes(v) for v in state)
     return tuple(state.shape) if isinstance(state, torch.Tensor) else state
+
+
+def _state_ok(got, want, device, optional=None) -> bool:
+    """The check of ``_match_state`` without building a message: True when ``got`` surely
+    matches (decoding checks the state on every token, so the common case stays cheap);
+    False sends the caller to ``_match_state`` for the verdict and the located error."""
+    if type(want) is not dict:
+        return _leaf_ok(got, want, device)
+    if type(got) is not dict:
+        return False
+    if got.keys() != want.keys():
+        if type(optional) is dict or not optional:
+            return False
+        if not (want.keys() <= got.keys() and got.keys() - want.keys() <= set(optional)):
+            return False
+    per_key = optional if type(optional) is dict else None
+    for k, w in want.items():
+        if type(w) is dict:
+            if not _state_ok(got[k], w, device, per_key.get(k, ()) if per_key is not None else None):
+                return False
+        elif not _leaf_ok(got[k], w, device):
+            return False
+    return True
+
+
+def _leaf_ok(got, want, device) -> bool:
+    """A tensor of init_state's shape (0: any size) on ``device``; anything else (nested
+    sequences of tensors) takes the full check."""
+    if type(got) is not torch.Tensor or type(want) is not tuple or got.device != device:
+        return False
+    shape = got.shape
+    if len(shape) != len(want):
+        return False
+    for g, w in zip(shape, want):
+        if w and g != w:
+            return False
+    return True
 
 
 def _match_state(got, want, where, device, optional=None) -> None:

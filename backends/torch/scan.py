@@ -96,9 +96,8 @@ def _prep_delta(delta, delta_bias, delta_softplus):
 
 def _discretize(delta, A, B, fn):
     """delta (..., D), A (D, N), B (..., N) -> (dA, dB), each (..., D, N), by the
-    compiled diagonal discretization ``fn`` (with B = 1, then times B_t)."""
-    dA, gain = fn(A, 1.0, delta.unsqueeze(-1))
-    return dA, gain * B.unsqueeze(-2)
+    compiled diagonal discretization ``fn`` (B_t broadcast over the channels)."""
+    return fn(A, B.unsqueeze(-2), delta.unsqueeze(-1))
 
 
 def _skip_and_gate(y, u, D, z):
@@ -258,20 +257,30 @@ class _NumbaEngine:
         b, nw, N, W = s.shape
         return s.transpose(1, 2).reshape(b, N, nw * W).transpose(1, 2)
 
+    @staticmethod
+    def dense(*ts):
+        """Detached contiguous versions of the sequence tensors (None stays None), made once
+        in forward and saved, so backward reads the same memory without copying again (the
+        conv's transposed output and the split views of z, B, C would each be copied)."""
+        return tuple(None if t is None else t.detach().contiguous() for t in ts)
+
     def forward(self, u, delta, A, B, C, D, z, bias, x0):
+        """u, delta, B, C, z contiguous (``dense``)."""
         seq, Ablk, state_in, vec = self._blocked(u, A)
-        b, L, nw, W = seq(u).shape
+        u_b = seq(u)
+        b, L, nw, W = u_b.shape
         y = u.new_empty(b, L, nw * W)
         x = state_in(x0)
         ckpt = u.new_empty((b, -(-L // self.chunk)) + x.shape[1:])
-        self.fwd(seq(u), seq(delta), Ablk, B.detach().contiguous().numpy(),
-                 C.detach().contiguous().numpy(), vec(D), seq(u if z is None else z), vec(bias), self.chunk,
-                 y.view(b, L, nw, W).numpy(), ckpt.numpy(), x.numpy())
+        self.fwd(u_b, seq(delta), Ablk, B.numpy(), C.numpy(), vec(D), u_b if z is None else seq(z), vec(bias),
+                 self.chunk, y.view(b, L, nw, W).numpy(), ckpt.numpy(), x.numpy())
         return y, self._state_out(x), ckpt
 
     def backward(self, u, delta, A, B, C, D, z, bias, ckpt, gy, gx):
+        """u, delta, B, C, z as forward had them (contiguous)."""
         seq, Ablk, state_in, vec = self._blocked(u, A)
-        b, L, nw, W = seq(u).shape
+        u_b = seq(u)
+        b, L, nw, W = u_b.shape
         N = A.shape[1]
         h = state_in(gx)
         du, ddt, dA = u.new_empty(b, L, nw * W), u.new_empty(b, L, nw * W), torch.zeros_like(h)
@@ -280,8 +289,7 @@ class _NumbaEngine:
         dz = u.new_empty(b, L, nw * W) if z is not None else u.new_empty(1, 1, nw, W)
         xs = u.new_empty(b * nw, self.chunk + 1, N, W)
         als = u.new_empty(b * nw, self.chunk, N, W)
-        self.bwd(seq(u), seq(delta), Ablk, B.detach().contiguous().numpy(),
-                 C.detach().contiguous().numpy(), vec(D), seq(u if z is None else z), vec(bias),
+        self.bwd(u_b, seq(delta), Ablk, B.numpy(), C.numpy(), vec(D), u_b if z is None else seq(z), vec(bias),
                  ckpt.numpy(), seq(gy), self.chunk,
                  h.numpy(), xs.numpy(), als.numpy(), du.view(b, L, nw, W).numpy(),
                  ddt.view(b, L, nw, W).numpy(), dA.numpy(), dB.numpy(), dC.numpy(), dD.numpy(),
@@ -322,6 +330,7 @@ class _FusedScan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, bias, x0, engine):
+        u, delta, B, C, z = engine.dense(u, delta, B, C, z)
         y, xL, ckpt = engine.forward(u, delta, A, B, C, D, z, bias, x0)
         ctx.engine, ctx.absent = engine, (D is None, z is None, bias is None)
         ctx.save_for_backward(u, delta, A, B, C, D, z, bias, ckpt)

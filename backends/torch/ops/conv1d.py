@@ -59,7 +59,7 @@ class Conv1d(Recurrent):
         window = (x.new_zeros(batch, taps - 1, d) if state is None else state["window"].to(x.dtype).transpose(1, 2))
         padded = torch.cat([window, x], 1)                                  # (B, K-1+L, D)
         w = self.weight[:, 0, :].t()                                        # (K, D)
-        y = _CausalDepthwise.apply(padded, w, getattr(self, "bias", None))
+        y = _CausalDepthwise.apply(padded, w, self.optional("bias"))
         y = activation(self.attrs["activation"])(y)
         if not return_state:
             return y
@@ -69,9 +69,11 @@ class Conv1d(Recurrent):
         """One token: a dot product of the window with the taps (no convolution call)."""
         if state is None:
             state = self.init_state(x_t.shape[0], x_t.dtype, x_t.device)
-        full = torch.cat([state["window"].to(x_t.dtype), x_t.unsqueeze(-1)], -1)      # (B, D, K)
+        window = state["window"]
+        window = window if window.dtype == x_t.dtype else window.to(x_t.dtype)
+        full = torch.cat([window, x_t.unsqueeze(-1)], -1)                                  # (B, D, K)
         y = (full * self.weight[:, 0, :]).sum(-1)
-        bias = getattr(self, "bias", None)
+        bias = self.optional("bias")
         if bias is not None:
             y = y + bias
         return activation(self.attrs["activation"])(y), {"window": full[..., 1:]}

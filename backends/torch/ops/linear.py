@@ -10,4 +10,4 @@ class Linear(Pointwise):
     op = "linear"
 
     def map(self, x):
-        return F.linear(x, self.weight, getattr(self, "bias", None))
+        return F.linear(x, self.weight, self.optional("bias"))

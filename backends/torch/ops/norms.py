@@ -11,7 +11,7 @@ class LayerNorm(Pointwise):
     op = "layernorm"
 
     def map(self, x):
-        return F.layer_norm(x, self.weight.shape, self.weight, getattr(self, "bias", None), self.attrs["eps"])
+        return F.layer_norm(x, self.weight.shape, self.weight, self.optional("bias"), self.attrs["eps"])
 
 
 class RMSNorm(Pointwise):
@@ -20,6 +20,7 @@ class RMSNorm(Pointwise):
     def map(self, x):
         """x * rsqrt(mean(x^2) + eps) * weight, computed in at least float32."""
         work = work_dtype(x, self.weight)
-        xw = x.to(work)
-        y = xw * torch.rsqrt(xw.pow(2).mean(-1, keepdim=True) + self.attrs["eps"]) * self.weight.to(work)
-        return y.to(output_dtype(x.dtype, work))
+        xw, w = (t if t.dtype == work else t.to(work) for t in (x, self.weight))
+        y = xw * torch.rsqrt(xw.pow(2).mean(-1, keepdim=True) + self.attrs["eps"]) * w
+        out = output_dtype(x.dtype, work)
+        return y if y.dtype == out else y.to(out)
