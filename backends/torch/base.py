@@ -7,6 +7,8 @@ per-position layers, ``Recurrent`` for layers with a state)."""
 from __future__ import annotations
 
 import contextlib
+import functools
+import sys
 
 import torch
 from torch import nn
@@ -30,6 +32,25 @@ def torch_function(name: str):
     return register
 
 # -- helpers ---------------------------------------------------------------------------
+
+
+def compiler_disable(fn):
+    """``torch.compiler.disable(fn)``, applied on the first call instead of at import.
+
+    ``torch.compiler.disable`` imports ``torch._dynamo`` (seconds of a cold start that
+    never uses ``torch.compile``).  Until something has imported dynamo no
+    ``torch.compile`` can be tracing, so the wrapper calls ``fn`` directly; from then on
+    it calls the disabled function, built once."""
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        disabled = call.__dict__.get("_seqc_disabled")
+        if disabled is None:
+            if "torch._dynamo" not in sys.modules:
+                return fn(*args, **kwargs)
+            disabled = call._seqc_disabled = torch.compiler.disable(fn)
+        return disabled(*args, **kwargs)
+    return call
+
 
 
 def with_defaults(op: str, attrs: dict) -> dict:
@@ -227,7 +248,7 @@ class Recurrent(Layer):
         return y[:, 0], new_state
 
 
-@torch.compiler.disable
+@compiler_disable
 def discretized(structure: str, method: str):
     """The torch function generated from the sympy derivation, looked up on every
     call (so a changed derivation takes effect) but outside torch.compile's

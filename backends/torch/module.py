@@ -19,6 +19,7 @@ from seqc.errors import SeqcError
 from seqc.inputs import check_inputs, declared_inputs
 
 from . import functional
+from .base import compiler_disable
 from .codegen import as_program, class_name, emit
 from .layers import LAYERS
 
@@ -207,7 +208,7 @@ def token_vocabularies(graph) -> dict:
     return out
 
 
-@torch.compiler.disable       # reads two numbers back from the device; torch.compile guards the rest
+@compiler_disable       # reads two numbers back from the device; torch.compile guards the rest
 def _check_tokens(name, x, vocab) -> None:
     """Token ids outside [0, vocab) are a user error here, not an IndexError (or, on a GPU,
     a device-side assert that poisons the CUDA context) inside the embedding."""
@@ -301,7 +302,7 @@ def _match_state(got, want, where, device, optional=None) -> None:
 def _table_planner(table):
     """plan_for(batch, length, training) -> the plan the compile-time threshold table gives."""
 
-    @torch.compiler.disable       # plain Python look-ups; torch.compile guards on the shapes instead
+    @compiler_disable       # plain Python look-ups; torch.compile guards on the shapes instead
     def plan_for(batch, length, training):
         return table.choose(batch, length, training)
     return plan_for

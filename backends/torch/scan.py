@@ -48,6 +48,7 @@ from seqc import discretization
 from seqc.errors import SeqcError
 
 from . import cpu_kernels
+from .base import compiler_disable
 
 DISCRETIZATIONS = ("mamba", "zoh", "bilinear")
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -66,7 +67,7 @@ def kernel_flags(attrs: dict, region=None, gate: bool = False) -> dict:
             "disc": attrs.get("disc", "mamba"), "d_skip": True, "gate": "silu" if gate else None}
 
 
-@torch.compiler.disable
+@compiler_disable
 def _resolve(disc):
     """A DiscProgram for ``disc`` (a program, or a method name: derived once, cached).
     Kept out of torch.compile's tracing: dynamo must not trace into sympy."""
@@ -80,7 +81,7 @@ def _resolve(disc):
     return disc
 
 
-@torch.compiler.disable
+@compiler_disable
 def _torch_function(program):
     return program.compile("torch")
 
