@@ -114,3 +114,52 @@ def test_generated_kernels_gradcheck(method, monkeypatch):
     monkeypatch.setenv("SEQC_NO_NUMBA", "1")
     y_ref, x_ref = f(*args.values())
     assert (y - y_ref).abs().max() < 1e-12 and (x - x_ref).abs().max() < 1e-12
+
+
+CONCURRENT = r"""
+import json, threading, torch, seqc, numba
+torch.set_num_threads(2)
+torch.manual_seed(0)
+model = seqc.compile("examples/mamba.seq", params={"d_model": 16, "n_layers": 2})
+xs = [torch.randn(2, 40, 16) for _ in range(2)]
+
+def fwd_bwd(x):
+    x = x.clone().requires_grad_(True)
+    y = model(x)
+    y.square().mean().backward()
+    return y.detach(), x.grad
+
+serial = [fwd_bwd(x) for x in xs]
+out, errors = {}, []
+
+def worker(i):
+    try:
+        out[i] = [fwd_bwd(xs[i]) for _ in range(4)]
+    except BaseException as e:
+        errors.append(repr(e))
+
+threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
+[t.start() for t in threads]
+[t.join() for t in threads]
+diff = max(float((a - b).abs().max()) for i in out for run in out[i] for a, b in zip(run, serial[i]))
+print(json.dumps({"layer": numba.threading_layer(), "errors": errors, "runs": sum(map(len, out.values())),
+                  "diff": diff}))
+"""
+
+
+@pytest.mark.parametrize("layer", ["workqueue", "default"])
+def test_concurrent_threads_never_crash(layer):
+    """Two Python threads running forward+backward through the parallel kernels at once.
+    numba's workqueue layer aborts the process (SIGABRT) on concurrent launches; seqc
+    serialises launches there and leaves thread-safe layers (omp, tbb) concurrent.  Each
+    thread's results equal a serial run's exactly (same inputs, same thread count)."""
+    env = dict(os.environ, NUMBA_THREADING_LAYER=layer, NUMBA_NUM_THREADS="2", PYTHONPATH=ROOT)
+    env.pop("SEQC_NO_NUMBA", None)
+    out = subprocess.run([sys.executable, "-c", CONCURRENT], capture_output=True, text=True, env=env, cwd=ROOT,
+                         timeout=900)
+    assert out.returncode == 0, f"exit {out.returncode}: {out.stderr[-3000:]}"
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["errors"] == [] and result["runs"] == 8, result
+    if layer != "default":
+        assert result["layer"] == layer, result
+    assert result["diff"] == 0.0, result

@@ -51,7 +51,9 @@ import threading
 import numpy as np
 
 _LOCK = threading.Lock()
-_STATE: dict = {}           # "numba": module or None, "kernels": {key: (fwd, bwd)}, "announced": bool
+_LAUNCH_LOCK = threading.Lock()     # serialises kernel launches where numba's threading layer needs it
+_STATE: dict = {}           # "numba": module or None, "kernels": {key: (fwd, bwd)}, "announced": bool,
+                            # "threading_layer": numba's, once a parallel launch has chosen it
 
 
 def _exp(x):
@@ -754,6 +756,16 @@ class _Guarded:
 
     def _call(self, which, args):
         numba = _STATE["numba"]
+        guard = _launch_guard()
+        if guard is None:
+            return self._launch(numba, which, args)
+        with guard:
+            try:
+                return self._launch(numba, which, args)
+            finally:
+                _note_threading_layer(numba)
+
+    def _launch(self, numba, which, args):
         threads = _torch_threads()
         numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
         try:
@@ -777,6 +789,26 @@ class _Guarded:
 
     def bwd(self, *args):
         return self._call(1, args)
+
+
+def _launch_guard():
+    """The lock to hold around a kernel call, or None when calls may run concurrently.
+
+    numba's ``workqueue`` threading layer is not thread-safe: two Python threads
+    launching parallel kernels at once abort the process (SIGABRT).  numba picks its
+    layer at the first parallel launch (tbb, else omp, else workqueue, unless
+    ``NUMBA_THREADING_LAYER`` says otherwise; seqc leaves that setting alone), so calls
+    are serialised until the layer is known, and for good when it is workqueue."""
+    layer = _STATE.get("threading_layer")
+    return None if layer is not None and layer != "workqueue" else _LAUNCH_LOCK
+
+
+def _note_threading_layer(numba) -> None:
+    if _STATE.get("threading_layer") is None:
+        try:
+            _STATE["threading_layer"] = numba.threading_layer()
+        except ValueError:          # no parallel launch has happened yet
+            pass
 
 
 def _torch_threads() -> int:
