@@ -54,10 +54,12 @@ def compiler_disable(fn):
 
 
 def with_defaults(op: str, attrs: dict) -> dict:
-    """The node's attributes completed with the registry's defaults."""
+    """The node's runtime attributes completed with the registry's defaults.
+    Initialisation-only attributes (``init``, ``dt_min``, ...) are not filled in: the
+    compiler drops them before the backend, so a default here would be invented."""
     spec = OPS[op]
-    out = {**spec.defaults, **attrs}
-    missing = [a.name for a in spec.attrs if a.name not in out]
+    out = {**spec.runtime_defaults, **spec.runtime_attrs(attrs)}
+    missing = [a.name for a in spec.attrs if a.name not in out and not a.init_only]
     if missing:
         raise SeqcError(f"{op}: missing attribute {', '.join(missing)}")
     return out
@@ -182,7 +184,13 @@ class Layer(nn.Module):
             self.register_parameter(name, nn.Parameter(torch.zeros(shape)))
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.attrs.items())
+        """``in_features`` (single-input layers), then the op's shown attributes
+        (``OpSpec.shown_attrs``): e.g. ``in_features=32, out=64, bias=False``."""
+        spec = OPS[self.op]
+        head = [f"in_features={self.in_features[0]}"] \
+            if len(self.in_features) == 1 and len(spec.inputs) == 1 and not spec.int_input else []
+        shown = spec.shown_attrs(stand_in_shapes(self.in_features), self.attrs)
+        return ", ".join(head + [f"{k}={v!r}" for k, v in shown.items()])
 
     def tie(self, name: str, owner: "Layer", owner_name: str) -> None:
         """Use `owner`'s parameter `owner_name` as this layer's `name` (``tie = other``): the

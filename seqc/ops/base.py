@@ -154,6 +154,50 @@ class OpSpec:
         return {k: v for k, v in attrs.items() if not (self.attr(k) and self.attr(k).init_only)}
 
     @property
+    def runtime_defaults(self) -> dict:
+        """The defaults of the attributes a backend sees (initialisation-only ones left out)."""
+        return {a.name: a.default for a in self.attrs if a.default is not REQUIRED and not a.init_only}
+
+    def shown_attrs(self, in_shapes, attrs: dict) -> dict:
+        """The attributes a layer's repr shows, in table order, like torch.nn's reprs:
+        the required ones and the int / bool ones that define shapes (another value
+        changes the weight or state shapes: ``d_state``, ``bias``) always, every other
+        one (``eps``, ``direction``) only where it differs from its default.
+        Initialisation-only attributes (``init``, ``dt_min``, ...) never: the layer does
+        not have them, they only drew its initial weights."""
+        shown = {}
+        for a in self.attrs:
+            if a.init_only or a.name not in attrs:
+                continue
+            value = attrs[a.name]
+            if a.default is REQUIRED or value != a.default \
+                    or (a.type in ("int", "bool") and self._shape_defining(a, in_shapes, attrs)):
+                shown[a.name] = value
+        return shown
+
+    def _shape_defining(self, a: Attr, in_shapes, attrs: dict) -> bool:
+        """Whether another value of `a` changes the weight or state shapes (a rule that
+        rejects the other value constrains the shapes too)."""
+        value = attrs[a.name]
+        if a.type == "bool":
+            other = not value
+        elif a.type == "int" and isinstance(value, int):
+            other = 2 * value if value > 0 else 1       # not value + 1: N // 2 pairs hide it
+            if a.max is not None and other > a.max:
+                other = value // 2
+        else:
+            return False
+        rules = [r for r in (self.weights, self.state) if r is not None]
+        try:
+            before = [r(in_shapes, attrs) for r in rules]
+        except Exception:
+            return False
+        try:
+            return [r(in_shapes, {**attrs, a.name: other}) for r in rules] != before
+        except Exception:
+            return True
+
+    @property
     def has_weights(self) -> bool:
         return self.weights is not None
 
