@@ -35,6 +35,11 @@ as ``kernels_<hash of source>.py`` and imported from there, so numba's
 written, or a module that fails to load, falls back to compiling in memory;
 numba index files that do not unpickle (a truncated write) are removed first.
 The first compilation with a cold cache prints one line on stderr.
+
+Threads: numba's ``workqueue`` threading layer aborts the process when two Python
+threads launch parallel kernels at once, so launches are serialised until numba has
+chosen its layer, and for good when it chose workqueue (``_launch_guard``); numba's
+own settings (``NUMBA_THREADING_LAYER``) are left as the user set them.
 """
 from __future__ import annotations
 
