@@ -56,11 +56,16 @@ def _sizes(graph, batch: int, length: int) -> dict[str, int]:
     return sizes
 
 
-def _numel(shape, subs) -> int:
+def _numel(shape, subs, memo=None) -> int:
     n = 1
     for d in shape:
         if hasattr(d, "free_symbols") and d.free_symbols:
-            d = d.subs({s: subs.get(str(s), 1) for s in d.free_symbols})
+            value = None if memo is None else memo.get(d)
+            if value is None:
+                value = d.subs({s: subs.get(str(s), 1) for s in d.free_symbols})
+                if memo is not None:
+                    memo[d] = value
+            d = value
         n *= max(0, int(d))
     return n
 
@@ -68,11 +73,12 @@ def _numel(shape, subs) -> int:
 def estimate(graph, batch: int, length: int, itemsize: int = 4) -> Estimate:
     """Weights and forward activations of `graph` in bytes (see the module docstring)."""
     subs = _sizes(graph, batch, length)
+    memo: dict = {}                 # symbolic dimension -> its value (a deep model repeats a few)
     weights = sum(math.prod(s) for s in graph.weight_shapes().values()) * itemsize
     acts = 0
     for n in graph.nodes.values():
         for shape in n.shapes:
-            acts += _numel(shape, subs)
+            acts += _numel(shape, subs, memo)
         spec = n.spec
         if spec is None:
             continue
