@@ -98,6 +98,16 @@ def no_autocast(x):
     return torch.autocast(device_type=device, enabled=False)
 
 
+@torch.compiler.disable
+def outside_compile(fn, *args):
+    """``fn(*args)`` run eagerly even inside torch.compile: an intended graph break, one per
+    call, for the fused recurrent kernels (``torch.lstm``/``torch.gru``).  Dynamo treats
+    ``torch.nn.LSTM`` the same way: its CPU (oneDNN) kernel has no fake-tensor form, and its
+    decomposition would unroll the time loop into the graph and recompile for every length.
+    Autograd runs through it as in eager, so training is unchanged."""
+    return fn(*args)
+
+
 def check_lengths(lengths, x, minimum: int = 0):
     """`lengths` as a LongTensor (B,) on x's device with minimum <= length <= L, or None."""
     if lengths is None:

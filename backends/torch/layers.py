@@ -70,6 +70,11 @@ class SelectiveSSM(Recurrent):
     def state_dtype(self, dtype):
         return accumulator_dtype(dtype)
 
+    def set_discretization(self, program) -> None:
+        super().set_discretization(program)
+        if program is not None:          # registered for the fused custom op now, not under torch.compile
+            scan.program_key(program)
+
     def _scan_args(self, work, gate=False):
         flags = scan.kernel_flags(self.attrs, self.region, gate)
         return dict(A=-torch.exp(_as(self.A_log, work)), D=_as(self.D, work) if flags["d_skip"] else None,

@@ -192,6 +192,28 @@ def linear_scan(system: LinearSystem, b, chunk: int | None = None):
     return x.reshape(batch, count * size, *state)[:, :length]
 
 
+KERNEL_BLOCK = 64       # diag_kernel: taps per block (a constant, so torch.compile's graph fits any length)
+
+
+def _polar_powers(re, im, exponents):
+    """z^k for z = re + i im (..., K) and integer exponents (m,), in real arithmetic as
+    r^k (cos k theta, sin k theta): the (real, imaginary) parts, each (..., K, m).  A mode that
+    underflowed to 0 gives 0^0 = 1, 0^k = 0 (finite gradients there)."""
+    sq = re * re + im * im
+    zero = sq == 0
+    log_r = 0.5 * torch.log(torch.where(zero, torch.ones_like(sq), sq))
+    theta = torch.atan2(torch.where(zero, torch.zeros_like(im), im), torch.where(zero, torch.ones_like(re), re))
+    k = exponents.to(re.dtype)
+    mag = torch.exp(log_r.unsqueeze(-1) * k)
+    mag = torch.where(zero.unsqueeze(-1), (k == 0).to(mag.dtype), mag)
+    angle = theta.unsqueeze(-1) * k
+    return mag * torch.cos(angle), mag * torch.sin(angle)
+
+
+def _parts(t):
+    return (t.real, t.imag) if t.is_complex() else (t, torch.zeros_like(t))
+
+
 def _blocked_powers(z, n: int):
     """(z^b for b < S, z^(S a) for a < A) with S ~ sqrt(n), A S >= n: every power z^l,
     l = S a + b, is a product of one of each, so sums over l become small matrix products."""
@@ -207,11 +229,27 @@ def _blocked_powers(z, n: int):
 
 
 def diag_kernel(w, z, n: int):
-    """K[..., l] = sum_k w[..., k] z[..., k]^l for l < n (a Vandermonde product), without
-    materialising the (..., k, n) powers: (outer * w)^T @ inner over blocks of sqrt(n)."""
-    inner, outer, size, count = _blocked_powers(z, n)
-    K = torch.einsum("...ka,...kb->...ab", outer * w.unsqueeze(-1), inner)
-    return K.reshape(*K.shape[:-2], size * count)[..., :n]
+    """Re K[..., l] for K[..., l] = sum_k w[..., k] z[..., k]^l, l < n (a Vandermonde product; the
+    caller doubles it for conjugate pairs), without materialising the (..., k, n) powers: blocks
+    of ``KERNEL_BLOCK`` taps, (outer * w)^T @ inner.  Real arithmetic throughout (re/im parts,
+    no complex tensors), and no Python arithmetic on ``n`` beyond one ceil-division, so under
+    torch.compile the graph serves every length."""
+    count = -(-n // KERNEL_BLOCK)
+    z_re, z_im = _parts(z)
+    w_re, w_im = _parts(w)
+    steps = torch.arange(KERNEL_BLOCK, device=z_re.device)
+    in_re, in_im = _polar_powers(z_re, z_im, steps)
+    out_re, out_im = _polar_powers(z_re, z_im, KERNEL_BLOCK * torch.arange(count, device=z_re.device))
+    wo_re = w_re.unsqueeze(-1) * out_re - w_im.unsqueeze(-1) * out_im       # Re(w z^(S a))
+    wo_im = w_re.unsqueeze(-1) * out_im + w_im.unsqueeze(-1) * out_re       # Im(w z^(S a))
+    K = torch.einsum("...ka,...kb->...ab", torch.cat([wo_re, wo_im], -2), torch.cat([in_re, -in_im], -2))
+    return K.reshape(*K.shape[:-2], count * KERNEL_BLOCK)[..., :n]
+
+
+def diag_powers(z, n: int):
+    """z^l for l < n, (..., n), by ``_polar_powers`` (the graph does not depend on n)."""
+    p_re, p_im = _polar_powers(*_parts(z), torch.arange(n, device=z.device))
+    return torch.complex(p_re, p_im) if z.is_complex() else p_re
 
 
 def diag_drive(z, u):
@@ -281,7 +319,7 @@ class SSM(Recurrent):
         system = self.system(work_dtype(self.D))
         if system.transition == "diag" and not system.mimo:
             K = diag_kernel(system.C * system.Bbar, system.a, length)
-            return 2 * K.real if system.complex else K
+            return 2 * K if system.complex else K
         return system.kernel(powers(system, system.impulse(), length))
 
     def forward(self, u, state=None, return_state=False, lengths=None):
@@ -292,7 +330,9 @@ class SSM(Recurrent):
             uw = u.to(work)
             x0 = None if state is None else system.unpack(state["x"].to(work))
             plan = self.plan
-            if plan == "auto":
+            if torch.compiler.is_compiling() and x0 is None and lengths is None:
+                plan = "conv"     # the plan whose graph does not depend on the length (the others loop over it)
+            elif plan == "auto":
                 plan = self.plan_for(u.shape[0], u.shape[1], torch.is_grad_enabled() and self.D.requires_grad)
             self.last_plan = plan
             run = {"conv": self._conv, "recurrent": self._recurrent}.get(plan, self._scan)
@@ -338,15 +378,18 @@ class SSM(Recurrent):
         length = u.shape[1]
         final = None
         if system.mimo:   # H x H kernels would cost H^2 L: convolve the P modes, then read out
-            x = causal_conv(system.inject(u), powers(system, torch.ones_like(system.a), length).T)
+            x = causal_conv(system.inject(u), diag_powers(system.a, length))
             y = system.read(x)
             if want_state:
                 final = x[:, -1] if lengths is None else at_positions(from_zero(x), lengths)
         elif system.transition == "diag":  # S4D: K[l] = 2 Re sum_n C_n Bbar_n a_n^l, no (L, H, N) powers
             K = diag_kernel(system.C * system.Bbar, system.a, length)
-            y = causal_conv(u, 2 * K.real if system.complex else K)
+            y = causal_conv(u, 2 * K if system.complex else K)
             if want_state:
                 final = system.Bbar * diag_drive(system.a, u if lengths is None else right_align(u, lengths))
+        elif system.transition == "shift" and not want_state:     # K = C, cut or zero-padded to the length
+            C = system.C
+            y = causal_conv(u, F.pad(C, (0, torch.sym_max(length - C.shape[-1], 0)))[..., :length])
         else:
             G = powers(system, system.impulse(), length)            # G[l] = a^l Bbar
             y = causal_conv(u, system.kernel(G))

@@ -300,11 +300,27 @@ def _match_state(got, want, where, device, optional=None) -> None:
 
 
 def _table_planner(table):
-    """plan_for(batch, length, training) -> the plan the compile-time threshold table gives."""
+    """plan_for(batch, length, training) -> the plan the compile-time threshold table gives
+    (``PlanTable.choose``), by comparisons only: under torch.compile a symbolic batch and length
+    become guards on the table's breakpoints, so a new length recompiles only where the plan
+    changes.  The nearest batch by log-ratio (ties to the smaller) is the first ``b_i`` with
+    ``batch^2 <= b_i b_(i+1)``, in integers."""
+    batches = sorted(table.batches)
+    bounds = [a * b for a, b in zip(batches, batches[1:])]
 
-    @compiler_disable       # plain Python look-ups; torch.compile guards on the shapes instead
     def plan_for(batch, length, training):
-        return table.choose(batch, length, training)
+        batch = torch.sym_max(batch, 1)
+        chosen = batches[-1]
+        for b, bound in zip(batches, bounds):
+            if batch * batch <= bound:
+                chosen = b
+                break
+        row = table.rows[(bool(training), chosen)]
+        plan = row[0][1]
+        for start, p in row[1:]:
+            if length >= start:
+                plan = p
+        return plan
     return plan_for
 
 

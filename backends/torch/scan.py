@@ -34,7 +34,8 @@ backwards through it.  Two engines implement that core:
 The numba kernels are also specialised by the fusion flags (``kernel_flags``:
 delta bias, softplus, ``D`` skip, silu gate): they read the raw delta and z
 and write the final y, and their backward gives every input's gradient
-(``_FusedScan``).  With the torch engine those pieces are torch ops around
+(the custom op ``seqc::selective_scan_fused``, so torch.compile keeps it in its
+graph as one opaque call).  With the torch engine those pieces are torch ops around
 the core, differentiated by autograd (O(batch*L*D) memory either way).
 bf16/fp16 inputs are computed in float32 and returned in the input dtype.
 """
@@ -67,18 +68,23 @@ def kernel_flags(attrs: dict, region=None, gate: bool = False) -> dict:
             "disc": attrs.get("disc", "mamba"), "d_skip": True, "gate": "silu" if gate else None}
 
 
-@compiler_disable
 def _resolve(disc):
     """A DiscProgram for ``disc`` (a program, or a method name: derived once, cached).
-    Kept out of torch.compile's tracing: dynamo must not trace into sympy."""
+    A program passes straight through (torch.compile traces this); a name is derived
+    outside dynamo's tracing (``_named``: dynamo must not trace into sympy)."""
     if isinstance(disc, str):
-        if disc not in DISCRETIZATIONS:
-            raise SeqcError(f"unknown discretization {disc!r} for the selective scan "
-                            f"(expected one of {', '.join(DISCRETIZATIONS)})")
-        return discretization.program("diag", disc)
+        return _named(disc)
     if getattr(disc, "structure", None) != "diag":
         raise SeqcError(f"the selective scan needs a diagonal discretization program, got {disc!r}")
     return disc
+
+
+@compiler_disable
+def _named(disc: str):
+    if disc not in DISCRETIZATIONS:
+        raise SeqcError(f"unknown discretization {disc!r} for the selective scan "
+                        f"(expected one of {', '.join(DISCRETIZATIONS)})")
+    return discretization.program("diag", disc)
 
 
 @compiler_disable
@@ -229,7 +235,7 @@ class _NumbaEngine:
     blocked layouts described above.  The kernels are specialised by the
     region's flags: they read the raw delta (bias, softplus inside), the gate
     z and D, and write the final y; backward returns the gradients of all of
-    them (``_FusedScan``)."""
+    them (``_fused_forward``)."""
 
     fused = True
 
@@ -324,35 +330,117 @@ class _ScanCore(torch.autograd.Function):
         return grads + (None,)
 
 
-class _FusedScan(torch.autograd.Function):
-    """(u, raw delta, A, B, C, D, z, delta_bias, x0) -> (final y, final state): the whole
-    region in the generated kernels (``_NumbaEngine``), O(L/chunk) states saved; absent
-    optional tensors are None and get no gradient."""
+# The fused numba path is a torch custom op (``seqc::selective_scan_fused`` and its backward),
+# with fake implementations giving the output shapes from the inputs' (symbolic) shapes: under
+# torch.compile dynamo puts one opaque call in the graph, no graph break, and a new batch or
+# length reuses the compiled graph.  The discretization program travels as a string key
+# (``program_key``) registered once, outside tracing.
+_PROGRAMS: dict = {}        # key -> DiscProgram
 
-    @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, bias, x0, engine):
-        u, delta, B, C, z = engine.dense(u, delta, B, C, z)
-        y, xL, ckpt = engine.forward(u, delta, A, B, C, D, z, bias, x0)
-        ctx.engine, ctx.absent = engine, (D is None, z is None, bias is None)
-        ctx.save_for_backward(u, delta, A, B, C, D, z, bias, ckpt)
-        return y, xL
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, gy, gx):
-        u, delta, A, B, C, D, z, bias, ckpt = ctx.saved_tensors
-        gy = torch.zeros_like(u) if gy is None else gy.contiguous()
-        gx = u.new_zeros(u.shape[0], u.shape[2], A.shape[1]) if gx is None else gx
-        grads = ctx.engine.backward(u, delta, A, B, C, D, z, bias, ckpt, gy, gx)
-        return grads + (None,)
+def program_key(program) -> str:
+    """The key under which the custom op finds ``program`` (a diag DiscProgram); registered on
+    first use.  Layers register theirs when they are configured, so torch.compile only reads
+    an attribute here."""
+    key = getattr(program, "_seqc_scan_key", None)
+    return key if key is not None else _register(program)
+
+
+@compiler_disable
+def _register(program) -> str:
+    key = f"{program.method}-{program.digest}"
+    _PROGRAMS.setdefault(key, program)
+    object.__setattr__(program, "_seqc_scan_key", key)   # a cache on a frozen dataclass: not a field
+    return key
+
+
+def _flags(bias: bool, softplus: bool, d_skip: bool, gate: bool) -> dict:
+    return {"delta_bias": bias, "delta_softplus": softplus, "d_skip": d_skip, "gate": "silu" if gate else None}
+
+
+def _fused_available(key: str, device: str, bias: bool, softplus: bool, d_skip: bool, gate: bool) -> bool:
+    """Whether the fused numba kernels run this call (decided once per traced graph under
+    torch.compile: the environment and numba are read when compiling)."""
+    return isinstance(_pick_engine_for(device, _PROGRAMS[key], None, _flags(bias, softplus, d_skip, gate)),
+                      _NumbaEngine)
+
+
+# what torch._dynamo.assume_constant_result does, without importing dynamo at import time
+_fused_available._dynamo_marked_constant = True
+
+
+def _fused_engine(key, bias, softplus, d_skip, gate, chunk):
+    kernels = cpu_kernels.kernels(_PROGRAMS[key], _flags(bias, softplus, d_skip, gate))
+    return _NumbaEngine(chunk or _NUMBA_CHUNK, kernels)
+
+
+@torch.library.custom_op("seqc::selective_scan_fused", mutates_args=())
+def _fused_forward(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                   D: torch.Tensor | None, z: torch.Tensor | None, bias: torch.Tensor | None, x0: torch.Tensor,
+                   key: str, softplus: bool, chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(final y, final state, checkpoints flattened to (batch, chunks, D * N))."""
+    engine = _fused_engine(key, bias is not None, softplus, D is not None, z is not None, chunk)
+    u, delta, B, C, z = engine.dense(u, delta, B, C, z)
+    y, last, ckpt = engine.forward(u, delta, A, B, C, D, z, bias, x0)
+    return y, last.contiguous(), ckpt.view(ckpt.shape[0], ckpt.shape[1], -1)
+
+
+@_fused_forward.register_fake
+def _(u, delta, A, B, C, D, z, bias, x0, key, softplus, chunk):
+    b, L, d = u.shape
+    count = (L + (chunk or _NUMBA_CHUNK) - 1) // (chunk or _NUMBA_CHUNK)
+    return u.new_empty(b, L, d), u.new_empty(b, d, A.shape[1]), u.new_empty(b, count, d * A.shape[1])
+
+
+@torch.library.custom_op("seqc::selective_scan_fused_backward", mutates_args=())
+def _fused_backward(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                    D: torch.Tensor | None, z: torch.Tensor | None, bias: torch.Tensor | None, ckpt: torch.Tensor,
+                    gy: torch.Tensor, gx: torch.Tensor, key: str, softplus: bool,
+                    chunk: int) -> list[torch.Tensor]:
+    """Gradients of (u, delta, A, B, C, D, z, bias, x0); an absent input's is an empty tensor."""
+    engine = _fused_engine(key, bias is not None, softplus, D is not None, z is not None, chunk)
+    b, L, d = u.shape
+    W = _block_width(b, d, torch.get_num_threads())
+    ckpt = ckpt.view(b, ckpt.shape[1], d // W, A.shape[1], W)
+    u, delta, B, C, z = engine.dense(u, delta, B, C, z)
+    grads = engine.backward(u, delta, A, B, C, D, z, bias, ckpt, gy.contiguous(), gx.contiguous())
+    return [u.new_empty(0) if g is None else g.contiguous() for g in grads]
+
+
+@_fused_backward.register_fake
+def _(u, delta, A, B, C, D, z, bias, ckpt, gy, gx, key, softplus, chunk):
+    like = lambda t: u.new_empty(0) if t is None else t.new_empty(t.shape)  # contiguous, as the kernels write  # noqa: E731
+    return [like(t) for t in (u, delta, A, B, C, D, z, bias)] + [u.new_empty(u.shape[0], u.shape[2], A.shape[1])]
+
+
+def _fused_setup(ctx, inputs, output):
+    u, delta, A, B, C, D, z, bias, _x0, key, softplus, chunk = inputs
+    ctx.mark_non_differentiable(output[2])
+    ctx.options = (key, softplus, chunk)
+    ctx.save_for_backward(u, delta, A, B, C, D, z, bias, output[2])
+
+
+def _fused_grad(ctx, gy, gx, _gckpt):
+    u, delta, A, B, C, D, z, bias, ckpt = ctx.saved_tensors
+    gy = torch.zeros_like(u) if gy is None else gy
+    gx = u.new_zeros(u.shape[0], u.shape[2], A.shape[1]) if gx is None else gx
+    grads = _fused_backward(u, delta, A, B, C, D, z, bias, ckpt, gy.contiguous(), gx.contiguous(), *ctx.options)
+    present = (True,) * 5 + (D is not None, z is not None, bias is not None, True)
+    return tuple(g if keep else None for g, keep in zip(grads, present)) + (None,) * 3
+
+
+_fused_forward.register_autograd(_fused_grad, setup_context=_fused_setup)
 
 
 def _pick_engine(u, disc, chunk, flags=None):
     """The numba engine where it applies and is wanted (CPU, a program with a kernel form),
     else the torch one.  ``disc``: a method name or a DiscProgram; ``flags``: the fused
     kernel's specialisation (``cpu_kernels.normalise_flags``)."""
-    program = _resolve(disc)
-    use_numba = u.device.type == "cpu" and os.environ.get("SEQC_NO_NUMBA", "") in ("", "0")
+    return _pick_engine_for(u.device.type, _resolve(disc), chunk, flags)
+
+
+def _pick_engine_for(device, program, chunk, flags):
+    use_numba = device == "cpu" and os.environ.get("SEQC_NO_NUMBA", "") in ("", "0")
     kernels = cpu_kernels.kernels(program, flags) if use_numba else None
     if kernels is not None:
         return _NumbaEngine(chunk or _NUMBA_CHUNK, kernels)
@@ -379,12 +467,15 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         cast, (u, delta, A, B, C, D, z, delta_bias, state))
     if state is None:
         state = u.new_zeros(u.shape[0], u.shape[2], A.shape[-1])
-    flags = {"delta_bias": delta_bias is not None, "delta_softplus": bool(delta_softplus),
-             "d_skip": D is not None, "gate": "silu" if z is not None else None}
-    engine = _pick_engine(u, disc, chunk, flags)
-    if getattr(engine, "fused", False):
-        y, last = _FusedScan.apply(u, delta, A, B, C, D, z, delta_bias, state, engine)
+    key = program_key(disc)
+    if _fused_available(key, u.device.type, delta_bias is not None, bool(delta_softplus), D is not None,
+                        z is not None):
+        dense = lambda t: None if t is None else t.contiguous()  # noqa: E731  (the kernels read them so)
+        y, last, _ = _fused_forward(*map(dense, (u, delta, A, B, C, D, z, delta_bias, state)), key,
+                                    bool(delta_softplus), int(chunk or 0))
     else:
+        flags = _flags(delta_bias is not None, bool(delta_softplus), D is not None, z is not None)
+        engine = _pick_engine_for(u.device.type, disc, chunk, flags)
         delta = _prep_delta(delta, delta_bias, delta_softplus)
         y, last = _ScanCore.apply(u, delta, A, B, C, state, engine)
         y = _skip_and_gate(y, u, D, z)

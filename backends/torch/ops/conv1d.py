@@ -39,7 +39,10 @@ class _CausalDepthwise(torch.autograd.Function):
         taps = w.shape[0]
         length = dy.shape[1]
         dpad = torch.empty_like(padded)
-        torch.mul(dy, w[taps - 1], out=dpad[:, taps - 1:])
+        if torch.compiler.is_compiling():           # dynamo refuses a non-contiguous out=
+            dpad[:, taps - 1:].copy_(dy * w[taps - 1])
+        else:
+            torch.mul(dy, w[taps - 1], out=dpad[:, taps - 1:])
         dpad[:, :taps - 1].zero_()
         for k in range(taps - 1):
             dpad[:, k:k + length].addcmul_(dy, w[k])

@@ -1,12 +1,13 @@
 """gru as a torch layer: torch.nn.GRU(batch_first=True) semantics on the
 registry's parameters through the same fused kernel (``torch.gru``); packed
-sequences for ``lengths=`` (rows of length 0 output zeros and keep their state)."""
+sequences for ``lengths=`` (rows of length 0 output zeros and keep their state); under
+torch.compile the kernel call is an intended graph break (``outside_compile``)."""
 from __future__ import annotations
 
 import torch
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from ..base import Recurrent, check_lengths
+from ..base import Recurrent, check_lengths, outside_compile
 
 
 class GRU(Recurrent):
@@ -25,9 +26,9 @@ class GRU(Recurrent):
         hx = state["h"].transpose(0, 1).to(x.dtype).contiguous()
         common = (self.flat_weights(), self.attrs["bias"], self.attrs["layers"], 0.0, self.training, False)
         if lengths is None:
-            y, h = torch.gru(x, hx, *common, True)
+            y, h = outside_compile(torch.gru, x, hx, *common, True)
         else:
-            y, h = self._packed(x, hx, lengths, common)
+            y, h = outside_compile(self._packed, x, hx, lengths, common)
         return (y, {"h": h.transpose(0, 1)}) if return_state else y
 
     @classmethod

@@ -1,12 +1,13 @@
 """lstm as a torch layer: torch.nn.LSTM(batch_first=True) semantics on the
 registry's parameters through the same fused kernel (``torch.lstm``), packed
-sequences for ``lengths=``."""
+sequences for ``lengths=``; under torch.compile the kernel call is an intended graph break
+(``outside_compile``)."""
 from __future__ import annotations
 
 import torch
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from ..base import Recurrent, check_lengths
+from ..base import Recurrent, check_lengths, outside_compile
 
 
 class LSTM(Recurrent):
@@ -25,9 +26,9 @@ class LSTM(Recurrent):
         hx = (state["h"].transpose(0, 1).to(x.dtype), state["c"].transpose(0, 1).to(x.dtype))
         common = (self.flat_weights(), self.attrs["bias"], self.attrs["layers"], 0.0, self.training, False)
         if lengths is None:
-            y, h, c = torch.lstm(x, (hx[0].contiguous(), hx[1].contiguous()), *common, True)
+            y, h, c = outside_compile(torch.lstm, x, (hx[0].contiguous(), hx[1].contiguous()), *common, True)
         else:
-            y, h, c = self._packed(x, hx, lengths, common)
+            y, h, c = outside_compile(self._packed, x, hx, lengths, common)
         return (y, {"h": h.transpose(0, 1), "c": c.transpose(0, 1)}) if return_state else y
 
     @classmethod

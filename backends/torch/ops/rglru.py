@@ -16,19 +16,13 @@ from ..base import Recurrent, accumulator_dtype, check_lengths, no_autocast, out
 MAX_SQRT_GRADIENT = 1000.0      # RecurrentGemma clips d sqrt(v)/dv at this value (bfloat16 training)
 
 
-class _BoundedSqrt(torch.autograd.Function):
+def bounded_sqrt(v):
     """sqrt(v) whose gradient is 1 / sqrt(max(4 v, 1 / MAX_SQRT_GRADIENT^2)), as transformers'
-    SqrtBoundDerivative (the normaliser sqrt(1 - a^2) has an unbounded derivative as a -> 1)."""
-
-    @staticmethod
-    def forward(ctx, v):
-        ctx.save_for_backward(v)
-        return torch.sqrt(v)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (v,) = ctx.saved_tensors
-        return grad / torch.sqrt(torch.clamp(4.0 * v, min=1.0 / MAX_SQRT_GRADIENT ** 2))
+    SqrtBoundDerivative (the normaliser sqrt(1 - a^2) has an unbounded derivative as a -> 1).
+    The value is sqrt(v) exactly (plus (v - v) = 0); the gradient flows through the linear term
+    only.  Plain tensor ops (no autograd.Function), so torch.compile traces it whole."""
+    slope = torch.rsqrt(torch.clamp(4.0 * v, min=1.0 / MAX_SQRT_GRADIENT ** 2)).detach()
+    return torch.sqrt(v).detach() + (v - v.detach()) * slope
 
 
 def doubling_diag_scan(log_a, u, h):
@@ -75,7 +69,7 @@ class RGLRU(Recurrent):
         gate_a = torch.sigmoid(torch.einsum("blhi,hij->blhj", xh, self.recurrent_gate_weight.to(x.dtype))
                                + self.recurrent_gate_bias.to(x.dtype)).reshape(x.shape)
         log_a = -c * gate_a * F.softplus(self.recurrent_param.to(x.dtype))
-        return log_a, x * gate_x, _BoundedSqrt.apply(-torch.expm1(2.0 * log_a))
+        return log_a, x * gate_x, bounded_sqrt(-torch.expm1(2.0 * log_a))
 
     def forward(self, x, state=None, return_state=False, lengths=None):
         lengths = check_lengths(lengths, x)
