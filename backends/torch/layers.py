@@ -72,8 +72,8 @@ class SelectiveSSM(Recurrent):
 
     def set_discretization(self, program) -> None:
         super().set_discretization(program)
-        if program is not None:          # registered for the fused custom op now, not under torch.compile
-            scan.program_key(program)
+        if getattr(program, "structure", None) == "diag":  # a diag DiscProgram: registered for the fused
+            scan.program_key(program)                       # custom op now, not under torch.compile
 
     def _scan_args(self, work, gate=False):
         flags = scan.kernel_flags(self.attrs, self.region, gate)
