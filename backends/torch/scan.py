@@ -264,15 +264,8 @@ class _NumbaEngine:
         b, nw, N, W = s.shape
         return s.transpose(1, 2).reshape(b, N, nw * W).transpose(1, 2)
 
-    @staticmethod
-    def dense(*ts):
-        """Detached contiguous versions of the sequence tensors (None stays None), made once
-        in forward and saved, so backward reads the same memory without copying again (the
-        conv's transposed output and the split views of z, B, C would each be copied)."""
-        return tuple(None if t is None else t.detach().contiguous() for t in ts)
-
     def forward(self, u, delta, A, B, C, D, z, bias, x0):
-        """u, delta, B, C, z contiguous (``dense``)."""
+        """u, delta, B, C, z contiguous (``selective_scan`` makes them so before the custom op)."""
         seq, Ablk, state_in, vec = self._blocked(u, A)
         u_b = seq(u)
         b, L, nw, W = u_b.shape
@@ -380,7 +373,6 @@ def _fused_forward(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: tor
                    key: str, softplus: bool, chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(final y, final state, checkpoints flattened to (batch, chunks, D * N))."""
     engine = _fused_engine(key, bias is not None, softplus, D is not None, z is not None, chunk)
-    u, delta, B, C, z = engine.dense(u, delta, B, C, z)
     y, last, ckpt = engine.forward(u, delta, A, B, C, D, z, bias, x0)
     return y, last.contiguous(), ckpt.view(ckpt.shape[0], ckpt.shape[1], -1)
 
@@ -402,7 +394,6 @@ def _fused_backward(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: to
     b, L, d = u.shape
     W = _block_width(b, d, torch.get_num_threads())
     ckpt = ckpt.view(b, ckpt.shape[1], d // W, A.shape[1], W)
-    u, delta, B, C, z = engine.dense(u, delta, B, C, z)
     grads = engine.backward(u, delta, A, B, C, D, z, bias, ckpt, gy.contiguous(), gx.contiguous())
     return [u.new_empty(0) if g is None else g.contiguous() for g in grads]
 
