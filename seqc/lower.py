@@ -146,21 +146,22 @@ def _schedule(graph: Graph, order: list) -> list:
     """Topological order with each region's epilogue members moved right after the
     anchor (or the previous member) whenever their other inputs are already computed,
     so a region runs as one stretch of code."""
-    order = list(order)
-    for n in list(order):
+    ids = [n.id for n in order]                 # ints: list.index compares cheaply
+    for n in order:
         region = n.meta.get("region")
         if region is None:
             continue
-        at = order.index(n)
+        at = ids.index(n.id)
         for member in region.epilogue:
             m = graph.nodes[member]
-            pos = order.index(m)
-            done = {x.id for x in order[:at + 1]} | set(graph.inputs)
-            if pos > at + 1 and all(r.node in done for r in m.inputs):
-                order.pop(pos)
-                order.insert(at + 1, m)
-            at = order.index(m)
-    return order
+            pos = ids.index(member)
+            if pos > at + 1:
+                done = set(ids[:at + 1]).union(graph.inputs)
+                if all(r.node in done for r in m.inputs):
+                    ids.pop(pos)
+                    ids.insert(at + 1, member)
+            at = ids.index(member)
+    return [graph.nodes[i] for i in ids]
 
 
 def lower(graph: Graph) -> Program:
