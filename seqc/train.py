@@ -38,8 +38,11 @@ PROFILES = {
                       eval_every=100, eval_size=256),
         "medium": dict(length=128, n_tokens=8, n_data=16, batch=32, steps=1000, lr=4e-3, warmup=50,
                        eval_every=50, eval_size=256),
-        "default": dict(length=512, n_tokens=16, n_data=16, batch=32, steps=2000, lr=3e-3, warmup=100,
-                        eval_every=100, eval_size=512),
+        # 16 tokens of a 16-token vocabulary among 256 (the paper: 4096, 400k steps).  At lr >= 3e-3 a
+        # 2-layer Mamba stays on the chance plateau for 2000+ steps; at 1.5e-3 it leaves it near step 1500
+        # (benchmarks/results/tasks/selective_copying-probes/).
+        "default": dict(length=256, n_tokens=16, n_data=16, batch=32, steps=8000, lr=1.5e-3, warmup=100,
+                        eval_every=200, eval_size=512),
     },
     "induction_heads": {
         "quick": dict(length=32, n_data=8, batch=32, steps=300, lr=3e-3, warmup=20, eval_every=50,
@@ -148,27 +151,21 @@ def _eval_rng(seed: int, length: int) -> np.random.Generator:
     return np.random.default_rng([seed, 1, length])
 
 
-def set_threads(n: int) -> tuple:
-    """Use `n` CPU threads in torch and numba (whose parallel scan kernels otherwise run one worker per core; on
-    a busy machine those workers spin and cost many times the kernel's work).  Returns the previous setting."""
+def set_threads(n: int) -> int:
+    """Use `n` CPU threads in torch; returns the previous count.  The CPU kernels follow
+    torch's thread count at each launch.  numba's own setting is left alone: setting it
+    before the first kernel launch starts numba's OpenMP pool with a worker per core,
+    and with one thread asked for, the idle worker spins on the other core (measured:
+    4x the CPU time per training step, and half the speed of two runs side by side)."""
     import torch
-    prev = (torch.get_num_threads(), None)
+    prev = torch.get_num_threads()
     torch.set_num_threads(n)
-    try:
-        import numba
-    except ImportError:
-        return prev
-    prev = (prev[0], numba.get_num_threads())
-    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
     return prev
 
 
-def restore_threads(prev: tuple):
+def restore_threads(prev: int):
     import torch
-    torch.set_num_threads(prev[0])
-    if prev[1] is not None:
-        import numba
-        numba.set_num_threads(prev[1])
+    torch.set_num_threads(prev)
 
 
 def count_params(model) -> int:

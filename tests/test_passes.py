@@ -84,14 +84,28 @@ def test_gate_folds_into_selective_scan(rng):
 
 
 def test_planner_changes_its_mind_with_length_for_s4d():
+    """Training (fitted with benchmarks/bench_plans.py --cpu-time --train): the generated recurrence kernel
+    is cheaper at short lengths, the FFT convolution (whose backward is cheap) at long ones."""
     g = seqc.build_graph(example("s4d.seq"))
     node = next(n for n in g.order() if n.op == "ssm")
-    short = choose(node, PlanContext(length=64, batch=1))[1].plan
-    long = choose(node, PlanContext(length=16384, batch=1))[1].plan
-    assert long == "conv"
-    assert short != long
-    text = explain(g, PlanContext(length=16384))
+    short = choose(node, PlanContext(length=64, batch=1, training=True))[1].plan
+    long = choose(node, PlanContext(length=16384, batch=1, training=True))[1].plan
+    assert (short, long) == ("scan", "conv")
+    text = explain(g, PlanContext(length=16384, training=True))
     assert "winner: conv" in text and "recurrent" in text
+
+
+def test_planner_prefers_the_recurrence_kernel_for_inference_and_conv_without_it(monkeypatch):
+    """Inference: the kernel's forward costs less per state element than the convolution's
+    Vandermonde kernel alone, at every length.  Without the kernels (SEQC_NO_NUMBA) the
+    torch engine's scan loops over chunks, and the convolution wins at long lengths."""
+    g = seqc.build_graph(example("s4d.seq"))
+    node = next(n for n in g.order() if n.op == "ssm")
+    for L in (16, 1024, 16384):
+        opts, best, why = choose(node, PlanContext(length=L, batch=1))
+        assert best.plan == "scan" and "as cheap: recurrent" in why
+    monkeypatch.setenv("SEQC_NO_NUMBA", "1")
+    assert choose(node, PlanContext(length=16384, batch=1))[1].plan == "conv"
 
 
 def test_planner_never_picks_conv_for_selective_and_honours_mode():

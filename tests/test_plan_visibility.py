@@ -67,14 +67,16 @@ def test_last_plans_reports_every_planned_layer_and_the_per_call_choice():
     hybrid = seqc.compile(path=example("hybrid.seq"))
     assert hybrid.last_plans() == {"layers.0.mamba.mixer": "scan", "layers.0.attn.attn": "recurrent",
                                    "layers.1.mamba.mixer": "scan", "layers.1.attn.attn": "recurrent"}
-    s4d = seqc.compile(path=example("s4d.seq"), params={"d_model": 8, "d_state": 8})
+    s4d = seqc.compile(path=example("s4d.seq"))              # d_model = d_state = 64
     assert s4d.last_plans() == {"ssm": None}                 # chosen per call: nothing has run yet
-    with torch.no_grad():
-        s4d(torch.randn(1, 8, 8))
-        short = s4d.last_plans()["ssm"]
-        s4d(torch.randn(1, 1 << 15, 8))
-        long = s4d.last_plans()["ssm"]
-    assert (short, long) == ("recurrent", "conv")
+    s4d(torch.randn(1, 8, 64)).sum().backward()               # training: the choice depends on the length
+    short = s4d.last_plans()["ssm"]
+    s4d(torch.randn(1, 1 << 14, 64)).sum().backward()
+    long = s4d.last_plans()["ssm"]
+    assert (short, long) == ("scan", "conv")
+    with torch.no_grad():                                     # inference: the kernel at every length
+        s4d(torch.randn(1, 1 << 14, 64))
+        assert s4d.last_plans()["ssm"] == "scan"
     lstm = seqc.compile(path=example("lstm.seq"))
     assert lstm.last_plans() == {"lstm": "recurrent"}
 

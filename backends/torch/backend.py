@@ -15,6 +15,21 @@ _MACHINES = {
                                                    "recurrent_dram": 0.02, "selective": 0.005}),
 }
 
+# With the generated numba kernels (the default install): the LTI ssm's recurrence is one kernel.
+# Fitted with `python -m benchmarks.bench_plans --cpu-time [--train]` (1 thread; S4D H=64, N=64, B=1 and 8,
+# L=16..16384): ns per state element forward (lti_kernel) and forward+backward (lti_kernel_train);
+# the FFT convolution's ns per Vandermonde element (lti_conv) and per FFT butterfly (lti_fft), and its
+# forward+backward / forward factors.
+_CPU_KERNELS_NS = {"lti_kernel": 0.65, "lti_kernel_train": 8.5, "lti_conv": 0.835, "lti_fft": 0.97,
+                   "lti_conv_train": 2.8, "lti_conv_train_steps": 4.0}
+
+
+def _cpu_kernels_available() -> bool:
+    import importlib.util
+    import os
+    return (os.environ.get("SEQC_NO_NUMBA", "") in ("", "0")
+            and importlib.util.find_spec("numba") is not None)
+
 
 class TorchBackend(Backend):
     name = "torch"
@@ -24,7 +39,10 @@ class TorchBackend(Backend):
 
     def machine(self, device: str, dtype: str) -> dict:
         self.check_target(device, dtype)
-        return dict(_MACHINES[device])
+        m = dict(_MACHINES[device])
+        if device == "cpu" and _cpu_kernels_available():
+            m["ns"] = {**m["ns"], **_CPU_KERNELS_NS}
+        return m
 
     def supports(self, call) -> bool:
         from .functional import FUNCTIONS

@@ -92,12 +92,14 @@ class PlanOption:
     why: str = ""
     batched: bool = False      # its steps are a fixed set of batched ops, not a loop over time
     training: bool = False
+    train_steps: float | None = None      # forward+backward / forward, measured for this plan (else the defaults)
+    train_elements: float | None = None
 
     def seconds(self, m) -> float:
         steps, elements = self.steps, self.elements
         if self.training:   # backward: autograd replays every step (a loop's far more dearly)
-            steps *= TRAIN_BATCHED_STEPS if self.batched else TRAIN_LOOP_STEPS
-            elements *= 2
+            steps *= self.train_steps or (TRAIN_BATCHED_STEPS if self.batched else TRAIN_LOOP_STEPS)
+            elements *= self.train_elements or 2
         return steps * m["step"] + elements * self.ns_per_element * 1e-9
 
 

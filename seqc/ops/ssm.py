@@ -417,6 +417,8 @@ def plan_options(node, ctx, m) -> list[PlanOption]:
     fft_flops = B * H * 5 * nfft * math.log2(nfft) * 2
     vander = (H * H if kind == "s5" else H) * modes * L      # kernel powers, once per call
     states = B * width * per_step * L
+    if kind in ("diag", "s5") and "lti_kernel" in m["ns"]:
+        return _kernel_plan_options(m, B, H, L, s, modes, vander, nfft, states)
     # conv: ~85 batched ops whatever L (kernel by blocked Vandermonde products, rfft, irfft)
     conv = PlanOption("conv", CONV_OPS, vander + B * H * nfft, m["ns"]["conv"],
                       vander * 8 * cplx + fft_flops, s * cplx * (vander + B * H * nfft), batched=True)
@@ -425,6 +427,26 @@ def plan_options(node, ctx, m) -> list[PlanOption]:
     rec_ns = m["ns"]["recurrent"] if history <= m["llc"] else m["ns"]["recurrent_dram"]
     rec = PlanOption("recurrent", L, states, rec_ns, states * 4 * cplx, history)
     return [conv, scan, rec]
+
+
+LTI_KERNEL_OPS = 10      # batched ops around the generated diagonal-recurrence kernel
+
+
+def _kernel_plan_options(m, B, H, L, s, modes, vander, nfft, states) -> list[PlanOption]:
+    """Costs where the machine runs the complex diagonal recurrence as one generated
+    kernel (the torch CPU backend's numba kernels): the scan and recurrent plans are
+    then that same kernel (no loop over time outside it), and the FFT convolution is
+    the Vandermonde kernel plus rfft/irfft, priced per element and per FFT butterfly.
+    Figures fitted with ``benchmarks/bench_plans.py --cpu-time`` (forward and ``--train``)."""
+    ns = m["ns"]
+    butterflies = B * H * nfft * math.log2(nfft)
+    conv = PlanOption("conv", CONV_OPS, vander + butterflies * ns["lti_fft"] / ns["lti_conv"], ns["lti_conv"],
+                      vander * 16 + butterflies * 10, s * 2 * (vander + B * H * nfft), batched=True,
+                      train_steps=ns["lti_conv_train_steps"], train_elements=ns["lti_conv_train"])
+    kernel = dict(steps=LTI_KERNEL_OPS, elements=states, ns_per_element=ns["lti_kernel"], flops=states * 8,
+                  working_set=s * 2 * states * 2, batched=True,
+                  train_elements=ns["lti_kernel_train"] / ns["lti_kernel"])
+    return [conv, PlanOption("scan", **kernel), PlanOption("recurrent", **kernel)]
 
 
 def _discretization(node):

@@ -76,9 +76,14 @@ def choose(node, ctx):
         return opts, best, f"the only plan {node.op} has"
     if len(legal) == 1:
         return opts, best, "only legal plan"
-    runner = sorted(legal, key=lambda o: o.seconds(m))[1]
-    ratio = runner.seconds(m) / max(best.seconds(m), 1e-15)
-    return opts, best, f"cheapest: {ratio:.1f}x faster than {runner.plan}"
+    cost = best.seconds(m)
+    ties = [o.plan for o in legal if o is not best and o.seconds(m) <= cost * (1 + 1e-9)]
+    others = sorted((o for o in legal if o is not best and o.plan not in ties), key=lambda o: o.seconds(m))
+    tied = f" (as cheap: {', '.join(ties)})" if ties else ""
+    if not others:
+        return opts, best, f"cheapest{tied}"
+    ratio = others[0].seconds(m) / max(cost, 1e-15)
+    return opts, best, f"cheapest: {ratio:.1f}x faster than {others[0].plan}{tied}"
 
 
 @compiler_pass("plan")
@@ -94,7 +99,8 @@ def plan(g, ctx):
             continue
         _warn_unavailable_mode(n, ctx)
         if ctx.length is None:
-            guesses = {choose(n, replace(ctx, length=L))[1].plan for L in (16, 1024, 65536)}
+            guesses = {choose(n, replace(ctx, length=L, batch=b, training=t))[1].plan
+                       for L in (16, 1024, 65536) for b in (1, 64) for t in (False, True)}
             if len(guesses) > 1:
                 n.meta["plan"], n.meta["plan_reason"] = "auto", "chosen per call from the input's shape"
                 n.meta["plan_table"] = plan_table(n, ctx)
