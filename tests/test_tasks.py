@@ -186,3 +186,25 @@ def test_quick_learning_check_selective_beats_time_invariant(tmp_path):
     assert s["eval_acc"] < 0.4 and m["eval_acc"] > s["eval_acc"] + 0.5, (m, s)
     print(f"quick learning check: {time.process_time() - t0:.1f} s CPU; mamba {m['eval_acc']:.3f}, "
           f"s4d {s['eval_acc']:.3f}")
+
+
+_ONE_THREAD = r"""
+import os, sys, torch
+from seqc.train import TrainConfig, train
+cfg = TrainConfig.profile("selective_copying", "quick", steps=3, eval_every=3, eval_size=32)
+train(sys.argv[1], cfg, sys.argv[2], progress=False, plot=False, threads=1)
+print(len(os.listdir("/proc/self/task")))
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads through /proc")
+def test_training_on_one_thread_starts_no_spinning_workers(tmp_path):
+    """Bug caught: `train(threads=1)` set numba's thread count before the first kernel launch, which
+    started numba's OpenMP pool with a worker per core; the idle worker then spun on the other core
+    (4x the CPU time per step, half the speed of two runs side by side).  With one thread asked
+    for, the process keeps its one thread."""
+    p = subprocess.run([sys.executable, "-c", _ONE_THREAD, str(SPECS / "mamba.seq"), str(tmp_path / "run")],
+                       capture_output=True, text=True, timeout=600, cwd=str(ROOT),
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.split()[-1] == "1", p.stdout
