@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
+import sys
 
 from conftest import ROOT
 
@@ -57,3 +59,22 @@ def test_default_install_brings_the_fast_cpu_path_and_pins_agree():
     for name, req in deps.items():
         assert name in pins, f"{name} is a dependency but not pinned for CI"
         assert req.specifier.contains(pins[name].strip()), (name, str(req.specifier), pins[name])
+
+
+_NO_DYNAMO = r"""
+import sys, torch, seqc
+for spec, d in (("examples/lstm.seq", 32), ("examples/gru.seq", 32), ("examples/mamba.seq", 64),
+                ("examples/s4d.seq", 64)):
+    seqc.compile(spec)(torch.randn(1, 5, d)).sum().backward()
+print("torch._dynamo" in sys.modules)
+"""
+
+
+def test_compiling_and_running_models_never_imports_dynamo():
+    """Bug caught: a module-level ``@torch.compiler.disable`` (``outside_compile``, the LSTM/GRU kernel
+    call) imported ``torch._dynamo`` with the torch backend -- seconds of every cold start that never
+    uses torch.compile.  The decorators must be applied lazily."""
+    p = subprocess.run([sys.executable, "-c", _NO_DYNAMO], capture_output=True, text=True, timeout=600,
+                       cwd=str(ROOT))
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.split()[-1] == "False", p.stdout

@@ -98,7 +98,7 @@ def no_autocast(x):
     return torch.autocast(device_type=device, enabled=False)
 
 
-@torch.compiler.disable
+@compiler_disable
 def outside_compile(fn, *args):
     """``fn(*args)`` run eagerly even inside torch.compile: an intended graph break, one per
     call, for the fused recurrent kernels (``torch.lstm``/``torch.gru``).  Dynamo treats

@@ -367,14 +367,29 @@ def _fused_engine(key, bias, softplus, d_skip, gate, chunk):
     return _NumbaEngine(chunk or _NUMBA_CHUNK, kernels)
 
 
-@torch.library.custom_op("seqc::selective_scan_fused", mutates_args=())
-def _fused_forward(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-                   D: torch.Tensor | None, z: torch.Tensor | None, bias: torch.Tensor | None, x0: torch.Tensor,
-                   key: str, softplus: bool, chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _fused_forward_impl(u, delta, A, B, C, D, z, bias, x0, key, softplus, chunk):
     """(final y, final state, checkpoints flattened to (batch, chunks, D * N))."""
     engine = _fused_engine(key, bias is not None, softplus, D is not None, z is not None, chunk)
     y, last, ckpt = engine.forward(u, delta, A, B, C, D, z, bias, x0)
     return y, last.contiguous(), ckpt.view(ckpt.shape[0], ckpt.shape[1], -1)
+
+
+def _fused_backward_impl(u, delta, A, B, C, D, z, bias, ckpt, gy, gx, key, softplus, chunk):
+    """Gradients of (u, delta, A, B, C, D, z, bias, x0); an absent input's is an empty tensor."""
+    engine = _fused_engine(key, bias is not None, softplus, D is not None, z is not None, chunk)
+    b, L, d = u.shape
+    W = _block_width(b, d, torch.get_num_threads())
+    ckpt = ckpt.view(b, ckpt.shape[1], d // W, A.shape[1], W)
+    grads = engine.backward(u, delta, A, B, C, D, z, bias, ckpt, gy.contiguous(), gx.contiguous())
+    return [u.new_empty(0) if g is None else g.contiguous() for g in grads]
+
+
+@torch.library.custom_op("seqc::selective_scan_fused", mutates_args=())
+def _fused_forward(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                   D: torch.Tensor | None, z: torch.Tensor | None, bias: torch.Tensor | None, x0: torch.Tensor,
+                   key: str, softplus: bool, chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The fused kernels as one custom op: traced by torch.compile without a graph break."""
+    return _fused_forward_impl(u, delta, A, B, C, D, z, bias, x0, key, softplus, chunk)
 
 
 @_fused_forward.register_fake
@@ -389,13 +404,7 @@ def _fused_backward(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: to
                     D: torch.Tensor | None, z: torch.Tensor | None, bias: torch.Tensor | None, ckpt: torch.Tensor,
                     gy: torch.Tensor, gx: torch.Tensor, key: str, softplus: bool,
                     chunk: int) -> list[torch.Tensor]:
-    """Gradients of (u, delta, A, B, C, D, z, bias, x0); an absent input's is an empty tensor."""
-    engine = _fused_engine(key, bias is not None, softplus, D is not None, z is not None, chunk)
-    b, L, d = u.shape
-    W = _block_width(b, d, torch.get_num_threads())
-    ckpt = ckpt.view(b, ckpt.shape[1], d // W, A.shape[1], W)
-    grads = engine.backward(u, delta, A, B, C, D, z, bias, ckpt, gy.contiguous(), gx.contiguous())
-    return [u.new_empty(0) if g is None else g.contiguous() for g in grads]
+    return _fused_backward_impl(u, delta, A, B, C, D, z, bias, ckpt, gy, gx, key, softplus, chunk)
 
 
 @_fused_backward.register_fake
@@ -411,16 +420,32 @@ def _fused_setup(ctx, inputs, output):
     ctx.save_for_backward(u, delta, A, B, C, D, z, bias, output[2])
 
 
-def _fused_grad(ctx, gy, gx, _gckpt):
-    u, delta, A, B, C, D, z, bias, ckpt = ctx.saved_tensors
-    gy = torch.zeros_like(u) if gy is None else gy
-    gx = u.new_zeros(u.shape[0], u.shape[2], A.shape[1]) if gx is None else gx
-    grads = _fused_backward(u, delta, A, B, C, D, z, bias, ckpt, gy.contiguous(), gx.contiguous(), *ctx.options)
-    present = (True,) * 5 + (D is not None, z is not None, bias is not None, True)
-    return tuple(g if keep else None for g, keep in zip(grads, present)) + (None,) * 3
+def _fused_grad_with(backward):
+    def grad(ctx, gy, gx, _gckpt):
+        u, delta, A, B, C, D, z, bias, ckpt = ctx.saved_tensors
+        gy = torch.zeros_like(u) if gy is None else gy
+        gx = u.new_zeros(u.shape[0], u.shape[2], A.shape[1]) if gx is None else gx
+        grads = backward(u, delta, A, B, C, D, z, bias, ckpt, gy.contiguous(), gx.contiguous(), *ctx.options)
+        present = (True,) * 5 + (D is not None, z is not None, bias is not None, True)
+        return tuple(g if keep else None for g, keep in zip(grads, present)) + (None,) * 3
+    return grad
 
 
-_fused_forward.register_autograd(_fused_grad, setup_context=_fused_setup)
+_fused_forward.register_autograd(_fused_grad_with(_fused_backward), setup_context=_fused_setup)
+
+
+class _FusedScanEager(torch.autograd.Function):
+    """The same kernels and gradients as the custom op, called directly in eager mode:
+    calling a ``torch.library`` custom op imports ``torch._dynamo`` (torch wraps its
+    implementation in ``_disable_dynamo``), seconds of a cold start that never compiles."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        out = _fused_forward_impl(*inputs)
+        _fused_setup(ctx, inputs, out)
+        return out
+
+    backward = staticmethod(_fused_grad_with(_fused_backward_impl))
 
 
 def _pick_engine(u, disc, chunk, flags=None):
@@ -462,8 +487,9 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     if _fused_available(key, u.device.type, delta_bias is not None, bool(delta_softplus), D is not None,
                         z is not None):
         dense = lambda t: None if t is None else t.contiguous()  # noqa: E731  (the kernels read them so)
-        y, last, _ = _fused_forward(*map(dense, (u, delta, A, B, C, D, z, delta_bias, state)), key,
-                                    bool(delta_softplus), int(chunk or 0))
+        fused = _fused_forward if torch.compiler.is_compiling() else _FusedScanEager.apply
+        y, last, _ = fused(*map(dense, (u, delta, A, B, C, D, z, delta_bias, state)), key,
+                           bool(delta_softplus), int(chunk or 0))
     else:
         flags = _flags(delta_bias is not None, bool(delta_softplus), D is not None, z is not None)
         engine = _pick_engine_for(u.device.type, disc, chunk, flags)
