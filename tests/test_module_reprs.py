@@ -40,7 +40,7 @@ def test_changed_defaults_show_and_init_options_do_not():
     assert repr(model.dt) == "Linear(in_features=8, out=4, bias=False)"
     assert repr(model.ln) == "LayerNorm(in_features=4, eps=1e-06, bias=True)"
     assert repr(model.rec) == "LSTM(in_features=4, hidden=6, layers=2, bias=True, plan='recurrent')"
-    assert repr(model.ssm) == "SSM(in_features=6, d_state=8, disc='bilinear')"
+    assert repr(model.ssm) == "SSM(in_features=6, d_state=8, disc='bilinear', plan='scan')"
     for layer in (model.dt, model.ssm):
         assert not {"init", "dt_min", "dt_max", "dt_init_floor"} & set(layer.attrs)
 
