@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import time
 
 import torch
 
@@ -25,20 +26,6 @@ from seqc.benchmark import median_ms
 from seqc.passes import PlanContext
 from seqc.backend import get_backend
 from seqc.passes.planner import choose
-
-
-def cpu_median_ms(fn, repeat=5, warmup=1):
-    """Median process CPU time of `fn` in milliseconds, after `warmup` calls."""
-    import statistics
-    import time
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(repeat):
-        t0 = time.process_time()
-        fn()
-        out.append(time.process_time() - t0)
-    return statistics.median(out) * 1e3
 
 
 def main():
@@ -75,7 +62,8 @@ def main():
                 else:
                     with torch.no_grad():
                         m(x)
-            measured[p] = (cpu_median_ms if args.cpu_time else median_ms)(go, args.repeat if L <= 4096 else 2)
+            measured[p] = median_ms(go, args.repeat if L <= 4096 else 2,
+                                    clock=time.process_time if args.cpu_time else time.perf_counter)
         ctx = PlanContext(batch=args.batch, length=L, training=args.train)
         opts, best, _ = choose(node, ctx)
         mach = get_backend("torch").machine("cpu", "float32")

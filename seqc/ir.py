@@ -190,15 +190,15 @@ class Graph:
                 lo = len(spec.inputs) - len(spec.optional_inputs)
                 if not lo <= len(n.inputs) <= len(spec.inputs):
                     problems.append(f"%{n.id}: {n.op} takes {len(spec.inputs)} inputs, has {len(n.inputs)}")
-            weight_names: tuple = ()
+            weight_keys: tuple = ()
             if spec is not None:
-                found, weight_names = self._check_node_once(n, shapes=not problems)
+                found, weight_keys = self._check_node_once(n, shapes=not problems)
                 problems += found
             if spec is not None and spec.stateful:
                 if n.name in state_keys:
                     problems.append(f"%{n.id}: state key '{n.name}' also belongs to %{state_keys[n.name]}")
                 state_keys[n.name] = n.id
-            for key in weight_names:
+            for key in weight_keys:
                 if key in seen_keys:
                     problems.append(f"%{n.id}: weight key {key} also belongs to %{seen_keys[key]}")
                 seen_keys[key] = n.id

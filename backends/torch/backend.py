@@ -25,10 +25,11 @@ _CPU_KERNELS_NS = {"lti_kernel": 0.65, "lti_kernel_train": 8.5, "lti_conv": 0.83
 
 
 def _cpu_kernels_available() -> bool:
+    """Whether the LTI recurrence will run as the numba kernel (without importing numba)."""
     import importlib.util
-    import os
-    return (os.environ.get("SEQC_NO_NUMBA", "") in ("", "0")
-            and importlib.util.find_spec("numba") is not None)
+
+    from . import cpu_kernels
+    return cpu_kernels.wanted() and importlib.util.find_spec("numba") is not None
 
 
 class TorchBackend(Backend):

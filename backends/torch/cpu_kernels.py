@@ -192,6 +192,12 @@ def _register_numba_exp(numba):
         return (lambda x: log1p32(x)) if x == types.float32 else (lambda x: log1p64(x))
 
 
+def wanted() -> bool:
+    """Whether the numba kernels may be used at all (``SEQC_NO_NUMBA`` unset or 0); reads
+    the environment on each call, and does not import numba."""
+    return os.environ.get("SEQC_NO_NUMBA", "") in ("", "0")
+
+
 def numba_module():
     """numba, set up once (the exp overload); None when it cannot be imported."""
     with _LOCK:

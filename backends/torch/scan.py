@@ -40,7 +40,6 @@ the core, differentiated by autograd (O(batch*L*D) memory either way).
 bf16/fp16 inputs are computed in float32 and returned in the input dtype.
 """
 import math
-import os
 
 import torch
 import torch.nn.functional as F
@@ -456,7 +455,7 @@ def _pick_engine(u, disc, chunk, flags=None):
 
 
 def _pick_engine_for(device, program, chunk, flags):
-    use_numba = device == "cpu" and os.environ.get("SEQC_NO_NUMBA", "") in ("", "0")
+    use_numba = device == "cpu" and cpu_kernels.wanted()
     kernels = cpu_kernels.kernels(program, flags) if use_numba else None
     if kernels is not None:
         return _NumbaEngine(chunk or _NUMBA_CHUNK, kernels)
@@ -718,7 +717,7 @@ def lti_scan(u, a, Bbar, C, state=None, lengths=None, complex_out=False, chunk=N
     if length == 0:
         w = u.new_zeros(batch, 0, h, dtype=a.dtype if complex_out else ar.dtype)
         return w, state
-    use_numba = u.device.type == "cpu" and os.environ.get("SEQC_NO_NUMBA", "") in ("", "0")
+    use_numba = u.device.type == "cpu" and cpu_kernels.wanted()
     kernels = cpu_kernels.lti_kernels(ui is not None, complex_out) if use_numba else None
     if kernels is not None:
         engine = _LTINumbaEngine(chunk or _NUMBA_CHUNK, kernels)
