@@ -227,6 +227,15 @@ import numpy as np
 from {exp_module} import _exp, _log1p
 
 _CACHE = {cache}
+
+
+@numba.njit(inline="always", cache=_CACHE)
+def _copy2(dst, src):
+    """dst[:, :] = src[:, :] by loops: a whole-slice assignment makes numba compile its
+    broadcast and shape-error machinery (seconds of a cold start)."""
+    for n in range(src.shape[0]):
+        for j in range(src.shape[1]):
+            dst[n, j] = src[n, j]
 # runtime version: {version}
 '''
 
@@ -245,7 +254,7 @@ def fwd(u, dt, A, B, C, Dv, z, bias, chunk, y, ckpt, x):
         dl = np.empty(W, dtype=u.dtype)
         for t in range(L):
             if t % chunk == 0:
-                ckpt[b, t // chunk, k] = xk
+                _copy2(ckpt[b, t // chunk, k], xk)
             ut, dtt, yt = u[b, t, k], dt[b, t, k], y[b, t, k]
             for j in range(W):                            # prologue: delta (bias, softplus)
 {delta_fwd}
@@ -281,7 +290,7 @@ def bwd(u, dt, A, B, C, Dv, z, bias, ckpt, gy, chunk, h, xs, als, du, ddt, dA, d
         for c in range(ckpt.shape[1] - 1, -1, -1):
             t0 = c * chunk
             t1 = min(L, t0 + chunk)
-            x[0] = ckpt[b, c, k]
+            _copy2(x[0], ckpt[b, c, k])
             for i in range(t1 - t0):  # recompute this chunk's states
                 ut, dtt = u[b, t0 + i, k], dt[b, t0 + i, k]
                 for j in range(W):
@@ -476,6 +485,15 @@ import numba
 import numpy as np
 
 _CACHE = {cache}
+
+
+@numba.njit(inline="always", cache=_CACHE)
+def _copy2(dst, src):
+    """dst[:, :] = src[:, :] by loops: a whole-slice assignment makes numba compile its
+    broadcast and shape-error machinery (seconds of a cold start)."""
+    for n in range(src.shape[0]):
+        for j in range(src.shape[1]):
+            dst[n, j] = src[n, j]
 # runtime version: {version}
 '''
 
@@ -493,12 +511,12 @@ def fwd(ur, ui, ar, ai, br, bi, cr, ci, lens, chunk, yr, yi, ckpt, xr, xi, fr, f
         xrk, xik, ark, aik, brk, bik, crk, cik = xr[b, k], xi[b, k], ar[k], ai[k], br[k], bi[k], cr[k], ci[k]
         n_len = lens[b]
         if n_len == 0:
-            fr[b, k] = xrk
-            fi[b, k] = xik
+            _copy2(fr[b, k], xrk)
+            _copy2(fi[b, k], xik)
         for t in range(L):
             if t % chunk == 0:
-                ckpt[b, t // chunk, 0, k] = xrk
-                ckpt[b, t // chunk, 1, k] = xik
+                _copy2(ckpt[b, t // chunk, 0, k], xrk)
+                _copy2(ckpt[b, t // chunk, 1, k], xik)
             urt, yrt = ur[b, t, k], yr[b, t, k]
 {fwd_head}
             for j in range(W):
@@ -516,8 +534,8 @@ def fwd(ur, ui, ar, ai, br, bi, cr, ci, lens, chunk, yr, yi, ckpt, xr, xi, fr, f
                     yrt[j] += crn[j] * vr - cin[j] * vi
 {fwd_out_i}
             if t == n_len - 1:
-                fr[b, k] = xrk
-                fi[b, k] = xik
+                _copy2(fr[b, k], xrk)
+                _copy2(fi[b, k], xik)
 """
 
 _LTI_BWD = """
@@ -540,8 +558,8 @@ def bwd(ur, ui, ar, ai, br, bi, cr, ci, lens, ckpt, gyr, gyi, gxr, gxi, chunk, h
         for c in range(ckpt.shape[1] - 1, -1, -1):
             t0 = c * chunk
             t1 = min(L, t0 + chunk)
-            x[0, 0] = ckpt[b, c, 0, k]
-            x[0, 1] = ckpt[b, c, 1, k]
+            _copy2(x[0, 0], ckpt[b, c, 0, k])
+            _copy2(x[0, 1], ckpt[b, c, 1, k])
             for i in range(t1 - t0):  # recompute this chunk's states
                 urt = ur[b, t0 + i, k]
 {bwd_head_rec}
