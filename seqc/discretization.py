@@ -119,8 +119,11 @@ def _method(method) -> str:
 def _derive_gbt(alpha):
     """One step of x' = A x + B u with the implicit weight alpha, solved for x[k+1]."""
     x0, x1, u = sp.symbols("x0 x1 u")
-    step = sp.Eq(x1, x0 + dt * (A * ((1 - alpha) * x0 + alpha * x1) + B * u))
-    x_next = sp.solve(step, x1)[0]
+    residual = x0 + dt * (A * ((1 - alpha) * x0 + alpha * x1) + B * u) - x1   # = 0, linear in x1
+    slope = sp.diff(residual, x1)
+    if slope.has(x1):
+        raise AssertionError(f"the step {residual} = 0 is not linear in x[k+1]")
+    x_next = -residual.subs(x1, 0) / slope     # solved directly: sympy.solve imports half of sympy
     return _positive_constant_terms(sp.diff(x_next, x0)), _positive_constant_terms(sp.diff(x_next, u))
 
 
@@ -132,10 +135,15 @@ def _positive_constant_terms(expr):
     return num / den
 
 
-def _derive_zoh():
-    """Exact solution over [0, dt] with u held: exp(A dt), integral_0^dt exp(A (dt - s)) ds B."""
+def _zoh_state():
+    """The exact state transition over [0, dt]: exp(A dt)."""
+    return sp.exp(A * dt)
+
+
+def _zoh_input():
+    """The exact input gain over [0, dt] with u held: integral_0^dt exp(A (dt - s)) ds B."""
     s = sp.Symbol("s", positive=True)
-    return sp.exp(A * dt), sp.integrate(sp.exp(A * (dt - s)), (s, 0, dt)) * B
+    return sp.integrate(sp.exp(A * (dt - s)), (s, 0, dt)) * B
 
 
 def _generic_branch(expr):
@@ -171,9 +179,9 @@ def raw_derivation(method: str):
     """(Abar, Bbar) as derived from the method's definition, before the safe rewrite."""
     method = _method(method)
     if method == "zoh":
-        return _derive_zoh()
-    if method == "mamba":
-        return raw_derivation("zoh")[0], raw_derivation("euler")[1]
+        return _zoh_state(), _zoh_input()
+    if method == "mamba":      # ZOH's state transition, Euler's input gain (no integral to derive)
+        return _zoh_state(), raw_derivation("euler")[1]
     return _derive_gbt(GBT_ALPHA[method])
 
 

@@ -92,8 +92,24 @@ def _parser() -> lark.Lark:
     if not hasattr(_LOCAL, "parser"):
         _LOCAL.postlex = _Newlines()
         _LOCAL.parser = lark.Lark(_grammar(), parser="lalr", lexer="basic", propagate_positions=True,
-                                  postlex=_LOCAL.postlex, maybe_placeholders=True)
+                                  postlex=_LOCAL.postlex, maybe_placeholders=True, cache=_grammar_cache())
     return _LOCAL.parser
+
+
+def _grammar_cache():
+    """Where lark keeps its analysis of the grammar (a third of a cold ``import`` + compile):
+    a file in seqc's cache directory, or False when that cannot be created.  lark checks
+    the file against a hash of the grammar, its options and lark's version, and rebuilds
+    (and rewrites) it when it does not match or does not load."""
+    from seqc.cache import cache_root
+    folder = os.path.join(cache_root(), "parser")
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError:
+        return False
+    if not os.access(folder, os.W_OK):
+        return False
+    return os.path.join(folder, "seq.lark.cache")
 
 
 def _span(file, meta) -> Span:

@@ -117,11 +117,11 @@ def test_generated_kernels_gradcheck(method, monkeypatch):
 
 
 CONCURRENT = r"""
-import json, threading, torch, seqc, numba
-torch.set_num_threads(2)
+import json, threading, torch, seqc
+torch.set_num_threads(1)
 torch.manual_seed(0)
 model = seqc.compile("examples/mamba.seq", params={"d_model": 16, "n_layers": 2})
-xs = [torch.randn(2, 40, 16) for _ in range(2)]
+xs = [torch.randn(3, 40, 16) for _ in range(2)]
 
 def fwd_bwd(x):
     x = x.clone().requires_grad_(True)
@@ -129,6 +129,20 @@ def fwd_bwd(x):
     y.square().mean().backward()
     return y.detach(), x.grad
 
+from seqc.backends.torch import scan
+g = torch.Generator().manual_seed(1)
+r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)
+args = [r(3, 50, 40), r(3, 50, 40), -torch.exp(r(40, 4)), r(3, 50, 4), r(3, 50, 4)]
+
+def kernel_fwd_bwd():
+    leaves = [a.clone().requires_grad_(True) for a in args]
+    y = scan.selective_scan(*leaves, chunk=8)
+    y.square().sum().backward()
+    return [y.detach()] + [a.grad for a in leaves]
+
+one = kernel_fwd_bwd()                      # one thread: every job in the calling thread
+torch.set_num_threads(3)                    # jobs split three ways, two of them on seqc's pool
+three = kernel_fwd_bwd()
 serial = [fwd_bwd(x) for x in xs]
 out, errors = {}, []
 
@@ -141,18 +155,20 @@ def worker(i):
 threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
 [t.start() for t in threads]
 [t.join() for t in threads]
-diff = max(float((a - b).abs().max()) for i in out for run in out[i] for a, b in zip(run, serial[i]))
-print(json.dumps({"layer": numba.threading_layer(), "errors": errors, "runs": sum(map(len, out.values())),
-                  "diff": diff}))
+gap = lambda runs, ref: max(float((a - b).abs().max()) for run in runs for a, b in zip(run, ref))
+print(json.dumps({"errors": errors, "runs": sum(map(len, out.values())), "threads": torch.get_num_threads(),
+                  "split": gap([three], one),
+                  "concurrent": max(gap(out[i], serial[i]) for i in out)}))
 """
 
 
 @pytest.mark.parametrize("layer", ["workqueue", "default"])
-def test_concurrent_threads_never_crash(layer):
-    """Two Python threads running forward+backward through the parallel kernels at once.
-    numba's workqueue layer aborts the process (SIGABRT) on concurrent launches; seqc
-    serialises launches there and leaves thread-safe layers (omp, tbb) concurrent.  Each
-    thread's results equal a serial run's exactly (same inputs, same thread count)."""
+def test_split_and_concurrent_launches_equal_one_thread(layer):
+    """The kernels' jobs split over torch's thread count give exactly the one-thread result,
+    values and gradients (a range left out or run twice would not), and two Python threads running
+    forward+backward at once neither crash nor disturb each other (numba's workqueue layer used
+    to abort such runs; the kernels no longer use numba's threading layers, whatever
+    NUMBA_THREADING_LAYER says); torch's thread count is left as set."""
     env = dict(os.environ, NUMBA_THREADING_LAYER=layer, NUMBA_NUM_THREADS="2", PYTHONPATH=ROOT)
     env.pop("SEQC_NO_NUMBA", None)
     out = subprocess.run([sys.executable, "-c", CONCURRENT], capture_output=True, text=True, env=env, cwd=ROOT,
@@ -160,6 +176,8 @@ def test_concurrent_threads_never_crash(layer):
     assert out.returncode == 0, f"exit {out.returncode}: {out.stderr[-3000:]}"
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["errors"] == [] and result["runs"] == 8, result
-    if layer != "default":
-        assert result["layer"] == layer, result
-    assert result["diff"] == 0.0, result
+    assert result["split"] == 0.0 and result["threads"] == 3, result
+    # torch's own ops (the model's linears) may reduce in another order when two threads share
+    # its pool, so concurrent runs agree to float32 rounding (measured 5e-12), not bit for bit;
+    # a workspace shared between the threads would be off by O(1)
+    assert result["concurrent"] < 1e-6, result

@@ -36,10 +36,12 @@ written, or a module that fails to load, falls back to compiling in memory;
 numba index files that do not unpickle (a truncated write) are removed first.
 The first compilation with a cold cache prints one line on stderr.
 
-Threads: numba's ``workqueue`` threading layer aborts the process when two Python
-threads launch parallel kernels at once, so launches are serialised until numba has
-chosen its layer, and for good when it chose workqueue (``_launch_guard``); numba's
-own settings (``NUMBA_THREADING_LAYER``) are left as the user set them.
+Threads: the kernels are serial (``nogil``) functions over a range of (batch, channel
+block) jobs; a launch splits the jobs into one contiguous range per thread of torch's
+intra-op count and runs them on a small thread pool of seqc's own (``_run_jobs``).  No
+numba ``parallel=True``: its lowering doubled the compile time of a cold start, and its
+threading layers reset torch's OpenMP thread count (omp) or abort the process when two
+Python threads launch at once (workqueue).  Nothing process-wide is changed.
 """
 from __future__ import annotations
 
@@ -56,9 +58,8 @@ import threading
 import numpy as np
 
 _LOCK = threading.Lock()
-_LAUNCH_LOCK = threading.Lock()     # serialises kernel launches where numba's threading layer needs it
-_STATE: dict = {}           # "numba": module or None, "kernels": {key: (fwd, bwd)}, "announced": bool,
-                            # "threading_layer": numba's, once a parallel launch has chosen it
+_STATE: dict = {}           # "numba": module or None, "kernels": {key: _Guarded}, "announced": bool,
+                            # "pool": (pid, the kernel thread pool)
 
 
 def _exp(x):
@@ -240,15 +241,15 @@ def _copy2(dst, src):
 '''
 
 _FWD = """
-@numba.njit(parallel=True, fastmath={{"contract"}}, error_model="numpy", cache=_CACHE)
-def fwd(u, dt, A, B, C, Dv, z, bias, chunk, y, ckpt, x):
-    \"""u, dt (raw), z, y: (b, L, nw, W); A: (nw, N, W); B, C: (b, L, N); Dv, bias: (nw, W);
-    x (b, nw, N, W) holds the initial state on entry and the final state on exit; ckpt
-    (b, nchunks, nw, N, W) gets the state before each chunk.  y is the final output
-    (after the skip and the gate where the flags have them).\"""
+@numba.njit(nogil=True, fastmath={{"contract"}}, error_model="numpy", cache=_CACHE)
+def fwd(j0, j1, u, dt, A, B, C, Dv, z, bias, chunk, y, ckpt, x):
+    \"""Runs the jobs j0 <= b * nw + k < j1.  u, dt (raw), z, y: (b, L, nw, W); A: (nw, N, W);
+    B, C: (b, L, N); Dv, bias: (nw, W); x (b, nw, N, W) holds the initial state on entry and
+    the final state on exit; ckpt (b, nchunks, nw, N, W) gets the state before each chunk.
+    y is the final output (after the skip and the gate where the flags have them).\"""
     nb, L, nw, W = u.shape
     N = A.shape[1]
-    for job in numba.prange(nb * nw):
+    for job in range(j0, j1):
         b, k = job // nw, job % nw
         xk, Ak = x[b, k], A[k]
         dl = np.empty(W, dtype=u.dtype)
@@ -272,15 +273,15 @@ def fwd(u, dt, A, B, C, Dv, z, bias, chunk, y, ckpt, x):
 """
 
 _BWD = """
-@numba.njit(parallel=True, fastmath={{"contract", "reassoc"}}, error_model="numpy", cache=_CACHE)
-def bwd(u, dt, A, B, C, Dv, z, bias, ckpt, gy, chunk, h, xs, als, du, ddt, dA, dB, dC, dD, dbias, dz):
+@numba.njit(nogil=True, fastmath={{"contract", "reassoc"}}, error_model="numpy", cache=_CACHE)
+def bwd(j0, j1, u, dt, A, B, C, Dv, z, bias, ckpt, gy, chunk, h, xs, als, du, ddt, dA, dB, dC, dD, dbias, dz):
     \"""Adjoint of fwd (same layouts).  h (b, nw, N, W) enters as the final-state gradient and
     leaves as the initial-state gradient; dA (b, nw, N, W), dD, dbias (b, nw, W) start at zero;
     job j owns the workspaces xs[j] (chunk+1, N, W) and als[j] (chunk, N, W) and writes its
     block's share of dB and dC into dB[b, k], dC[b, k] (L, N).  ddt is the raw delta's gradient.\"""
     nb, L, nw, W = u.shape
     N = A.shape[1]
-    for job in numba.prange(nb * nw):
+    for job in range(j0, j1):
         b, k = job // nw, job % nw
         x, a, hk, dAk, Ak = xs[job], als[job], h[b, k], dA[b, k], A[k]
         dl = np.empty(W, dtype=u.dtype)
@@ -498,15 +499,15 @@ def _copy2(dst, src):
 '''
 
 _LTI_FWD = """
-@numba.njit(parallel=True, fastmath={{"contract"}}, cache=_CACHE)
-def fwd(ur, ui, ar, ai, br, bi, cr, ci, lens, chunk, yr, yi, ckpt, xr, xi, fr, fi):
-    \"""x_t = a x_(t-1) + Bbar u_t, w_t = sum_s C_s x_t,s per (channel, mode), complex numbers as
-    (re, im) arrays.  u, w: (b, L, nw, W); a, Bbar, C: (nw, S, W); x (b, nw, S, W) holds the
-    initial state on entry and the state after L steps on exit; f gets the state after lens[b]
-    steps; ckpt (b, nchunks, 2, nw, S, W) the state before each chunk.\"""
+@numba.njit(nogil=True, fastmath={{"contract"}}, cache=_CACHE)
+def fwd(j0, j1, ur, ui, ar, ai, br, bi, cr, ci, lens, chunk, yr, yi, ckpt, xr, xi, fr, fi):
+    \"""Runs the jobs j0 <= b * nw + k < j1: x_t = a x_(t-1) + Bbar u_t, w_t = sum_s C_s x_t,s
+    per (channel, mode), complex numbers as (re, im) arrays.  u, w: (b, L, nw, W); a, Bbar, C:
+    (nw, S, W); x (b, nw, S, W) holds the initial state on entry and the state after L steps
+    on exit; f gets the state after lens[b] steps; ckpt (b, nchunks, 2, nw, S, W) the state before each chunk.\"""
     nb, L, nw, W = ur.shape
     S = ar.shape[1]
-    for job in numba.prange(nb * nw):
+    for job in range(j0, j1):
         b, k = job // nw, job % nw
         xrk, xik, ark, aik, brk, bik, crk, cik = xr[b, k], xi[b, k], ar[k], ai[k], br[k], bi[k], cr[k], ci[k]
         n_len = lens[b]
@@ -539,8 +540,8 @@ def fwd(ur, ui, ar, ai, br, bi, cr, ci, lens, chunk, yr, yi, ckpt, xr, xi, fr, f
 """
 
 _LTI_BWD = """
-@numba.njit(parallel=True, fastmath={{"contract", "reassoc"}}, cache=_CACHE)
-def bwd(ur, ui, ar, ai, br, bi, cr, ci, lens, ckpt, gyr, gyi, gxr, gxi, chunk, hr, hi, xs,
+@numba.njit(nogil=True, fastmath={{"contract", "reassoc"}}, cache=_CACHE)
+def bwd(j0, j1, ur, ui, ar, ai, br, bi, cr, ci, lens, ckpt, gyr, gyi, gxr, gxi, chunk, hr, hi, xs,
         dur, dui, dar, dai, dbr, dbi, dcr, dci):
     \"""Adjoint of fwd (same layouts; gradients of a complex z as dL/dRe z + i dL/dIm z).  Runs
     G_t = conj(a) G_(t+1) + conj(C) gw_t (+ gx, the final state's gradient, at t = lens[b] - 1)
@@ -549,7 +550,7 @@ def bwd(ur, ui, ar, ai, br, bi, cr, ci, lens, ckpt, gyr, gyi, gxr, gxi, chunk, h
     gradient; da, dBbar, dC (b, nw, S, W) start at zero and get per-batch partials.\"""
     nb, L, nw, W = ur.shape
     S = ar.shape[1]
-    for job in numba.prange(nb * nw):
+    for job in range(j0, j1):
         b, k = job // nw, job % nw
         hrk, hik, ark, aik, brk, bik, crk, cik = hr[b, k], hi[b, k], ar[k], ai[k], br[k], bi[k], cr[k], ci[k]
         darb, daib, dbrb, dbib, dcrb, dcib = dar[b, k], dai[b, k], dbr[b, k], dbi[b, k], dcr[b, k], dci[b, k]
@@ -650,11 +651,9 @@ _VERSION = hashlib.sha256((inspect.getsource(_register_numba_exp) + _FWD + _BWD 
 # cache and loading
 # --------------------------------------------------------------------------- #
 def cache_dir() -> str:
-    """$SEQC_CACHE_DIR, else $XDG_CACHE_HOME/seqc, else ~/.cache/seqc."""
-    if os.environ.get("SEQC_CACHE_DIR"):
-        return os.environ["SEQC_CACHE_DIR"]
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "seqc")
+    """seqc's cache directory (``seqc.cache.cache_root``)."""
+    from seqc.cache import cache_root
+    return cache_root()
 
 
 def _write_atomic(path: str, text: str) -> None:
@@ -777,77 +776,65 @@ def _rebuild(build, label, source, stem):
 
 
 class _Guarded:
-    """The kernel pair; if a cached kernel fails to load on its first call (a damaged numba
-    cache), the pair is rebuilt and the call retried once."""
+    """The kernel pair, launched over a thread pool; if a cached kernel fails to load on its
+    first call (a damaged numba cache), the pair is rebuilt and the call retried once."""
 
     def __init__(self, pair, build, label, source, stem):
         self.pair, self.build, self.label, self.source, self.stem, self.tried = pair, build, label, source, stem, set()
 
-    def _call(self, which, args):
-        numba = _STATE["numba"]
-        guard = _launch_guard()
-        if guard is None:
-            return self._launch(numba, which, args)
-        with guard:
+    def _launch(self, which, args):
+        key = (which, args[0].dtype)
+        if key not in self.tried:       # load or compile on a call with no jobs, in this thread
             try:
-                return self._launch(numba, which, args)
-            finally:
-                _note_threading_layer(numba)
-
-    def _launch(self, numba, which, args):
-        threads = _torch_threads()
-        numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
-        try:
-            key = (which, args[0].dtype)
-            if key in self.tried:
-                return self.pair[which](*args)
-            try:
-                return self.pair[which](*args)
+                self.pair[which](0, 0, *args)
             except (pickle.UnpicklingError, EOFError, OSError, ImportError, AttributeError):
                 with _LOCK:
                     self.pair = _rebuild(self.build, self.label, self.source, self.stem)
                     self.stem = None
-                return self.pair[which](*args)
+                self.pair[which](0, 0, *args)
             finally:
                 self.tried.add(key)
-        finally:
-            _restore_torch_threads(threads)
+        _run_jobs(self.pair[which], args[0].shape[0] * args[0].shape[2], args)
 
     def fwd(self, *args):
-        return self._call(0, args)
+        return self._launch(0, args)
 
     def bwd(self, *args):
-        return self._call(1, args)
+        return self._launch(1, args)
 
 
-def _launch_guard():
-    """The lock to hold around a kernel call, or None when calls may run concurrently.
+def _run_jobs(kernel, jobs: int, args) -> None:
+    """``kernel(j0, j1, *args)`` over the jobs 0..jobs-1, split into contiguous ranges, one per
+    thread of torch's intra-op count: the first range in the calling thread, the others on
+    seqc's pool (the kernels release the GIL).  Every range has finished when this returns,
+    also when one of them raised."""
+    parts = max(1, min(_torch_threads(), jobs))
+    if parts == 1:
+        kernel(0, jobs, *args)
+        return
+    bounds = [jobs * i // parts for i in range(parts + 1)]
+    pool = _pool()
+    futures = [pool.submit(kernel, bounds[i], bounds[i + 1], *args) for i in range(1, parts)]
+    try:
+        kernel(bounds[0], bounds[1], *args)
+    finally:
+        errors = [f.exception() for f in futures]   # waits for each
+    for e in errors:
+        if e is not None:
+            raise e
 
-    numba's ``workqueue`` threading layer is not thread-safe: two Python threads
-    launching parallel kernels at once abort the process (SIGABRT).  numba picks its
-    layer at the first parallel launch (tbb, else omp, else workqueue, unless
-    ``NUMBA_THREADING_LAYER`` says otherwise; seqc leaves that setting alone), so calls
-    are serialised until the layer is known, and for good when it is workqueue."""
-    layer = _STATE.get("threading_layer")
-    return None if layer is not None and layer != "workqueue" else _LAUNCH_LOCK
 
-
-def _note_threading_layer(numba) -> None:
-    if _STATE.get("threading_layer") is None:
-        try:
-            _STATE["threading_layer"] = numba.threading_layer()
-        except ValueError:          # no parallel launch has happened yet
-            pass
+def _pool():
+    """The process's kernel thread pool (made again in a child after fork)."""
+    from concurrent.futures import ThreadPoolExecutor
+    with _LOCK:
+        pool = _STATE.get("pool")
+        if pool is None or pool[0] != os.getpid():
+            pool = _STATE["pool"] = (os.getpid(), ThreadPoolExecutor(max_workers=max(1, (os.cpu_count() or 2) - 1),
+                                                                    thread_name_prefix="seqc-cpu"))
+        return pool[1]
 
 
 def _torch_threads() -> int:
     import torch
     return torch.get_num_threads()
-
-
-def _restore_torch_threads(n: int) -> None:
-    """numba's OpenMP layer sets the OpenMP thread count when its pool starts, which is
-    torch's too: put torch's back if a kernel call changed it."""
-    import torch
-    if torch.get_num_threads() != n:
-        torch.set_num_threads(n)

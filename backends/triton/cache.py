@@ -29,13 +29,9 @@ _MODULES: dict[str, object] = {}
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("SEQC_CACHE_DIR")
-    if root:
-        base = Path(root)
-    else:
-        xdg = os.environ.get("XDG_CACHE_HOME")
-        base = Path(xdg) / "seqc" if xdg else Path.home() / ".cache" / "seqc"
-    return base / "triton"
+    """``triton/`` in seqc's cache directory (``seqc.cache.cache_root``)."""
+    from seqc.cache import cache_root
+    return Path(cache_root()) / "triton"
 
 
 def _atomic_write(path: Path, text: str) -> None:
