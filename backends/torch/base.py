@@ -40,16 +40,32 @@ def compiler_disable(fn):
     ``torch.compiler.disable`` imports ``torch._dynamo`` (seconds of a cold start that
     never uses ``torch.compile``).  Until something has imported dynamo no
     ``torch.compile`` can be tracing, so the wrapper calls ``fn`` directly; from then on
-    it calls the disabled function, built once."""
+    it calls the disabled function, built once.  Where dynamo is already imported when
+    the wrapper is made, or when any wrapper is called eagerly, every wrapper's disabled
+    function is built then: built while dynamo traces, it would cost extra graph breaks."""
     @functools.wraps(fn)
     def call(*args, **kwargs):
         disabled = call.__dict__.get("_seqc_disabled")
         if disabled is None:
             if "torch._dynamo" not in sys.modules:
                 return fn(*args, **kwargs)
-            disabled = call._seqc_disabled = torch.compiler.disable(fn)
+            _build_disabled()
+            disabled = call._seqc_disabled
         return disabled(*args, **kwargs)
+    call._seqc_fn = fn
+    _DISABLE_WRAPPERS.append(call)
+    if "torch._dynamo" in sys.modules:
+        _build_disabled()
     return call
+
+
+_DISABLE_WRAPPERS: list = []
+
+
+def _build_disabled() -> None:
+    for wrapper in _DISABLE_WRAPPERS:
+        if "_seqc_disabled" not in wrapper.__dict__:
+            wrapper._seqc_disabled = torch.compiler.disable(wrapper._seqc_fn)
 
 
 

@@ -17,7 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..base import (Layer, Recurrent, accumulator_dtype, check_lengths, no_autocast, output_dtype, work_dtype)
+from ..base import (Layer, Recurrent, accumulator_dtype, check_lengths, no_autocast, outside_compile, output_dtype,
+                    work_dtype)
 
 
 def _prepare_dt(dt, dt_bias, softplus):
@@ -148,8 +149,22 @@ class _ChunkedSSD(torch.autograd.Function):
 
 def ssd_chunked(x, dt, a, B, C, h0, chunk, D=None):
     """x (b, L, H, P), dt (b, L, H) (already biased and softplus'd), a (H,), B, C (b, L, G, N),
-    h0 (b, H, P, N) or None, D (H,) or None -> y (b, L, H, P) (plus D x), final state (b, H, P, N)."""
+    h0 (b, H, P, N) or None, D (H,) or None -> y (b, L, H, P) (plus D x), final state (b, H, P, N).
+
+    Under torch.compile it runs eagerly, an intended graph break (``outside_compile``): its
+    loop over the chunks would be unrolled per length, and AOT autograd cannot trace its
+    padding and views under symbolic lengths (torch 2.13)."""
+    if torch.compiler.is_compiling():
+        return outside_compile(_chunked_owning, x, dt, a, B, C, D, h0, chunk)
     return _ChunkedSSD.apply(x, dt, a, B, C, D, h0, chunk)
+
+
+def _chunked_owning(*args):
+    """``_ChunkedSSD.apply`` with a y that is never a view: whether it is one depends on the
+    length (a multiple of the chunk or not), and dynamo guards on the view's base after the
+    graph break, so a view at one length and not at the next would recompile."""
+    y, h = _ChunkedSSD.apply(*args)
+    return y.clone(), h
 
 
 def ssd_step(x, dt, a, B, C, h):
