@@ -129,7 +129,8 @@ def fwd_bwd(x):
     y.square().mean().backward()
     return y.detach(), x.grad
 
-from seqc.backends.torch import scan
+from seqc.backends.torch import cpu_kernels, scan
+cpu_kernels.PARALLEL_MIN_WORK = 0             # the parallel kernels even at these small sizes
 g = torch.Generator().manual_seed(1)
 r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)
 args = [r(3, 50, 40), r(3, 50, 40), -torch.exp(r(40, 4)), r(3, 50, 4), r(3, 50, 4)]
@@ -141,7 +142,7 @@ def kernel_fwd_bwd():
     return [y.detach()] + [a.grad for a in leaves]
 
 one = kernel_fwd_bwd()                      # one thread: every job in the calling thread
-torch.set_num_threads(3)                    # jobs split three ways, two of them on seqc's pool
+torch.set_num_threads(3)                    # the parallel twins, on numba's threads
 three = kernel_fwd_bwd()
 serial = [fwd_bwd(x) for x in xs]
 out, errors = {}, []
@@ -164,11 +165,11 @@ print(json.dumps({"errors": errors, "runs": sum(map(len, out.values())), "thread
 
 @pytest.mark.parametrize("layer", ["workqueue", "default"])
 def test_split_and_concurrent_launches_equal_one_thread(layer):
-    """The kernels' jobs split over torch's thread count give exactly the one-thread result,
-    values and gradients (a range left out or run twice would not), and two Python threads running
-    forward+backward at once neither crash nor disturb each other (numba's workqueue layer used
-    to abort such runs; the kernels no longer use numba's threading layers, whatever
-    NUMBA_THREADING_LAYER says); torch's thread count is left as set."""
+    """The parallel kernels (more than one thread) give exactly the serial kernels' result,
+    values and gradients (a job left out or run twice would not), and two Python threads
+    running forward+backward at once neither crash nor disturb each other: under numba's
+    workqueue layer (which aborts the process on concurrent parallel launches) seqc
+    serialises launches; torch's thread count is left as set."""
     env = dict(os.environ, NUMBA_THREADING_LAYER=layer, NUMBA_NUM_THREADS="2", PYTHONPATH=ROOT)
     env.pop("SEQC_NO_NUMBA", None)
     out = subprocess.run([sys.executable, "-c", CONCURRENT], capture_output=True, text=True, env=env, cwd=ROOT,

@@ -36,12 +36,18 @@ written, or a module that fails to load, falls back to compiling in memory;
 numba index files that do not unpickle (a truncated write) are removed first.
 The first compilation with a cold cache prints one line on stderr.
 
-Threads: the kernels are serial (``nogil``) functions over a range of (batch, channel
-block) jobs; a launch splits the jobs into one contiguous range per thread of torch's
-intra-op count and runs them on a small thread pool of seqc's own (``_run_jobs``).  No
-numba ``parallel=True``: its lowering doubled the compile time of a cold start, and its
-threading layers reset torch's OpenMP thread count (omp) or abort the process when two
-Python threads launch at once (workqueue).  Nothing process-wide is changed.
+Threads: each module has serial kernels (``fwd``/``bwd`` over a range of (batch, channel
+block) jobs) and their ``parallel=True`` twins (``_parallel_twin``).  At one thread of
+torch's count, and for small calls (``PARALLEL_MIN_WORK``), the serial kernel runs in
+the calling thread, and a process that makes no other calls never compiles the twins
+(their parallel lowering is about half of a cold start's compile time).  Otherwise
+the twin runs on numba's threads, whose count follows torch's at each launch; numba's OpenMP layer shares torch's OpenMP runtime, so its threads are the ones
+torch's ops just used (a pool of seqc's own lost a core to OpenMP's spin-waiting threads:
+measured, no faster at two threads than at one).  numba's ``workqueue`` threading layer
+aborts the process when two Python threads launch parallel kernels at once, so launches
+are serialised until numba has chosen its layer, and for good when it chose workqueue
+(``_launch_guard``); numba's own settings (``NUMBA_THREADING_LAYER``) are left as the
+user set them, and torch's thread count is put back if numba's layer changed it.
 """
 from __future__ import annotations
 
@@ -58,8 +64,9 @@ import threading
 import numpy as np
 
 _LOCK = threading.Lock()
+_LAUNCH_LOCK = threading.Lock()     # serialises parallel launches where numba's threading layer needs it
 _STATE: dict = {}           # "numba": module or None, "kernels": {key: _Guarded}, "announced": bool,
-                            # "pool": (pid, the kernel thread pool)
+                            # "threading_layer": numba's, once a parallel launch has chosen it
 
 
 def _exp(x):
@@ -431,6 +438,20 @@ def _epilogue_channel(bias, softplus, d_skip):
     return ["for j in range(W):"] + ["    " + ln for ln in body] if body else []
 
 
+def _parallel_twin(kernel: str) -> str:
+    """The ``parallel=True`` twin of a serial kernel's source: all jobs, split over numba's
+    threads (``numba.prange``), named ``<name>_parallel``.  numba compiles it on its first
+    call only, so a process running at one thread never pays for its parallel lowering
+    (about half the kernels' compile time)."""
+    head, sep, rest = kernel.partition("@numba.njit(nogil=True, ")
+    assert sep, "not a serial kernel"
+    name = rest.split("def ", 1)[1].split("(", 1)[0]
+    twin = head + "@numba.njit(parallel=True, " + rest
+    twin = twin.replace(f"def {name}(j0, j1, ", f"def {name}_parallel(", 1)
+    twin = twin.replace("    for job in range(j0, j1):", "    for job in numba.prange(nb * nw):", 1)
+    return twin.replace("Runs the jobs j0 <= b * nw + k < j1", "Runs every job on numba's threads", 1)
+
+
 def generate(disc, cache: bool, flags=None) -> str:
     """The kernel module's source for a diag DiscProgram (with kernel programs) and the
     region's ``flags`` (see ``normalise_flags``): delta bias and softplus are the prologue
@@ -473,7 +494,7 @@ def generate(disc, cache: bool, flags=None) -> str:
                       grad_terms=_indent(terms, 24), channel_terms=_indent(channel, 16))
     header = _HEADER.format(method=disc.method, exp_module=__name__, cache=bool(cache), version=_VERSION,
                             flags=", ".join(f"{k}={v}" for k, v in zip(FLAGS, (bias, softplus, d_skip, gate))))
-    return header + fwd + bwd
+    return header + fwd + bwd + _parallel_twin(fwd) + _parallel_twin(bwd)
 
 
 # --------------------------------------------------------------------------- #
@@ -641,7 +662,8 @@ def generate_lti(complex_in: bool, complex_out: bool, cache: bool) -> str:
     bwd = _LTI_BWD.format(**{k: v for k, v in sub.items() if "{" + k + "}" in _LTI_BWD})
     header = _LTI_HEADER.format(complex_in=bool(complex_in), complex_out=bool(complex_out), cache=bool(cache),
                                 version=_VERSION)
-    return "\n".join(ln for ln in (header + fwd + bwd).split("\n") if ln.strip() != "pass") + "\n"
+    body = header + fwd + bwd + _parallel_twin(fwd) + _parallel_twin(bwd)
+    return "\n".join(ln for ln in body.split("\n") if ln.strip() != "pass") + "\n"
 
 
 _VERSION = hashlib.sha256((inspect.getsource(_register_numba_exp) + _FWD + _BWD + _LTI_FWD + _LTI_BWD).encode()).hexdigest()[:12]
@@ -717,7 +739,7 @@ def _from_file(source: str, stem: str):
     except BaseException:
         sys.modules.pop(name, None)
         raise
-    return module.fwd, module.bwd
+    return module.fwd, module.bwd, module.fwd_parallel, module.bwd_parallel
 
 
 def _in_memory(build, label):
@@ -725,7 +747,7 @@ def _in_memory(build, label):
     _announce()
     namespace = {"__name__": "seqc_cpu_kernels_in_memory"}
     exec(compile(build(cache=False), f"<seqc cpu kernels {label}>", "exec"), namespace)
-    return namespace["fwd"], namespace["bwd"]
+    return tuple(namespace[n] for n in ("fwd", "bwd", "fwd_parallel", "bwd_parallel"))
 
 
 def _load(key, build, label):
@@ -775,66 +797,95 @@ def _rebuild(build, label, source, stem):
     return _in_memory(build, label)
 
 
+PARALLEL_MIN_WORK = 1 << 20
+"""Calls updating fewer state elements (batch x length x channels x state) run serially:
+a millisecond or less of work, where the parallel kernels would save little and cost a
+process their compilation (the cold start of a small model)."""
+
+
 class _Guarded:
-    """The kernel pair, launched over a thread pool; if a cached kernel fails to load on its
-    first call (a damaged numba cache), the pair is rebuilt and the call retried once."""
+    """The kernels of one module: serial ``fwd``/``bwd`` over a range of jobs and their
+    ``parallel=True`` twins (``fwd_parallel``/``bwd_parallel``, compiled only when first
+    used).  At one thread of torch's count, one job, or a small call (``PARALLEL_MIN_WORK``)
+    the serial kernel runs in the calling thread; otherwise the parallel one on numba's threads.  If a cached kernel
+    fails to load on its first call (a damaged numba cache), the module is rebuilt and
+    the call retried once."""
 
     def __init__(self, pair, build, label, source, stem):
         self.pair, self.build, self.label, self.source, self.stem, self.tried = pair, build, label, source, stem, set()
 
-    def _launch(self, which, args):
-        key = (which, args[0].dtype)
-        if key not in self.tried:       # load or compile on a call with no jobs, in this thread
+    def _call(self, which, args):
+        threads = _torch_threads()
+        jobs = args[0].shape[0] * args[0].shape[2]
+        work = args[0].size * args[2].shape[1]         # state elements updated: b L D N
+        if threads == 1 or jobs == 1 or work < PARALLEL_MIN_WORK:
+            return self._run(which, (0, jobs) + tuple(args))
+        numba = _STATE["numba"]
+        guard = _launch_guard()
+        if guard is None:
+            return self._launch(numba, which + 2, args, threads)
+        with guard:
             try:
-                self.pair[which](0, 0, *args)
-            except (pickle.UnpicklingError, EOFError, OSError, ImportError, AttributeError):
-                with _LOCK:
-                    self.pair = _rebuild(self.build, self.label, self.source, self.stem)
-                    self.stem = None
-                self.pair[which](0, 0, *args)
+                return self._launch(numba, which + 2, args, threads)
             finally:
-                self.tried.add(key)
-        _run_jobs(self.pair[which], args[0].shape[0] * args[0].shape[2], args)
+                _note_threading_layer(numba)
+
+    def _launch(self, numba, which, args, threads):
+        numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+        try:
+            return self._run(which, args)
+        finally:
+            _restore_torch_threads(threads)
+
+    def _run(self, which, args):
+        key = (which, args[-1].dtype)
+        if key in self.tried:
+            return self.pair[which](*args)
+        try:
+            return self.pair[which](*args)
+        except (pickle.UnpicklingError, EOFError, OSError, ImportError, AttributeError):
+            with _LOCK:
+                self.pair = _rebuild(self.build, self.label, self.source, self.stem)
+                self.stem = None
+            return self.pair[which](*args)
+        finally:
+            self.tried.add(key)
 
     def fwd(self, *args):
-        return self._launch(0, args)
+        return self._call(0, args)
 
     def bwd(self, *args):
-        return self._launch(1, args)
+        return self._call(1, args)
 
 
-def _run_jobs(kernel, jobs: int, args) -> None:
-    """``kernel(j0, j1, *args)`` over the jobs 0..jobs-1, split into contiguous ranges, one per
-    thread of torch's intra-op count: the first range in the calling thread, the others on
-    seqc's pool (the kernels release the GIL).  Every range has finished when this returns,
-    also when one of them raised."""
-    parts = max(1, min(_torch_threads(), jobs))
-    if parts == 1:
-        kernel(0, jobs, *args)
-        return
-    bounds = [jobs * i // parts for i in range(parts + 1)]
-    pool = _pool()
-    futures = [pool.submit(kernel, bounds[i], bounds[i + 1], *args) for i in range(1, parts)]
-    try:
-        kernel(bounds[0], bounds[1], *args)
-    finally:
-        errors = [f.exception() for f in futures]   # waits for each
-    for e in errors:
-        if e is not None:
-            raise e
+def _launch_guard():
+    """The lock to hold around a parallel kernel call, or None when calls may run concurrently.
+
+    numba's ``workqueue`` threading layer is not thread-safe: two Python threads
+    launching parallel kernels at once abort the process (SIGABRT).  numba picks its
+    layer at the first parallel launch (tbb, else omp, else workqueue, unless
+    ``NUMBA_THREADING_LAYER`` says otherwise; seqc leaves that setting alone), so calls
+    are serialised until the layer is known, and for good when it is workqueue."""
+    layer = _STATE.get("threading_layer")
+    return None if layer is not None and layer != "workqueue" else _LAUNCH_LOCK
 
 
-def _pool():
-    """The process's kernel thread pool (made again in a child after fork)."""
-    from concurrent.futures import ThreadPoolExecutor
-    with _LOCK:
-        pool = _STATE.get("pool")
-        if pool is None or pool[0] != os.getpid():
-            pool = _STATE["pool"] = (os.getpid(), ThreadPoolExecutor(max_workers=max(1, (os.cpu_count() or 2) - 1),
-                                                                    thread_name_prefix="seqc-cpu"))
-        return pool[1]
+def _note_threading_layer(numba) -> None:
+    if _STATE.get("threading_layer") is None:
+        try:
+            _STATE["threading_layer"] = numba.threading_layer()
+        except ValueError:          # no parallel launch has happened yet
+            pass
 
 
 def _torch_threads() -> int:
     import torch
     return torch.get_num_threads()
+
+
+def _restore_torch_threads(n: int) -> None:
+    """numba's OpenMP layer sets the OpenMP thread count when its pool starts, which is
+    torch's too: put torch's back if a kernel call changed it."""
+    import torch
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
