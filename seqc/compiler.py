@@ -1,6 +1,10 @@
 """`seqc.compile`: spec -> IR -> pass pipeline -> lowered program -> a backend's model."""
 from __future__ import annotations
 
+import contextlib
+import gc
+import threading
+
 from .analysis import build_graph
 from .backend import get_backend
 from .errors import SeqcError, did_you_mean
@@ -49,13 +53,40 @@ def compile(spec, backend: str = "torch", params: dict | None = None, mode: str 
     choose the planner's machine model and where the model lives.
     Weights are the seeded default initialisation.
     """
-    graph = plan_graph(spec, backend, params, mode, length=length, batch=batch, training=training,
-                       pipeline=pipeline, device=device, dtype=dtype)
-    be = get_backend(backend)
-    program = lower(graph)
-    check_supported(be, program)
-    check_memory(graph, be, length, batch, dtype)       # before any weight is allocated
-    return be.build(program, seed=seed, device=device or "cpu", dtype=dtype)
+    with _collector_paused():
+        graph = plan_graph(spec, backend, params, mode, length=length, batch=batch, training=training,
+                           pipeline=pipeline, device=device, dtype=dtype)
+        be = get_backend(backend)
+        program = lower(graph)
+        check_supported(be, program)
+        check_memory(graph, be, length, batch, dtype)       # before any weight is allocated
+        return be.build(program, seed=seed, device=device or "cpu", dtype=dtype)
+
+
+_GC_LOCK = threading.Lock()
+_GC_STATE = {"depth": 0, "was_enabled": False}
+
+
+@contextlib.contextmanager
+def _collector_paused():
+    """Python's cycle collector off while compiling (as it was before, afterwards).  A
+    compile allocates tens of thousands of small objects that live until it ends; the
+    collections they trigger scan every object of the process (sympy's caches, torch's
+    modules) and made a warm compile of the 48-layer hybrid take 0.21-0.40 s instead of
+    0.2.  Nested and concurrent compiles share one pause: the last to finish restores the
+    collector's state from before the first."""
+    with _GC_LOCK:
+        if _GC_STATE["depth"] == 0:
+            _GC_STATE["was_enabled"] = gc.isenabled()
+            gc.disable()
+        _GC_STATE["depth"] += 1
+    try:
+        yield
+    finally:
+        with _GC_LOCK:
+            _GC_STATE["depth"] -= 1
+            if _GC_STATE["depth"] == 0 and _GC_STATE["was_enabled"]:
+                gc.enable()
 
 
 def check_memory(graph, be, length, batch, dtype) -> None:

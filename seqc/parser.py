@@ -3,7 +3,9 @@ newlines, a transformer to the dataclasses of ``seqc.ast`` and the translation
 of Lark's errors into located ``SeqcError``s written in plain words."""
 from __future__ import annotations
 
+import collections
 import functools
+import hashlib
 import os
 import re
 import stat
@@ -277,8 +279,28 @@ def parse(source, filename: str = "<string>", *, quote: bool = True) -> ast.Modu
     return _parse(source, filename)
 
 
+_ASTS: "collections.OrderedDict[tuple[str, str], ast.Module]" = collections.OrderedDict()
+_ASTS_KEEP = 64             # the ASTs (immutable) of the most recent distinct (file name, text hash) pairs
+_ASTS_LOCK = threading.Lock()
+
+
 def _parse(source, filename: str) -> ast.Module:
     source = _check_text(source, filename)     # also remembers it, for error carets
+    key = (filename, hashlib.sha256(source.encode("utf-8", "surrogatepass")).digest())   # not the text itself
+    with _ASTS_LOCK:
+        found = _ASTS.get(key)
+        if found is not None:
+            _ASTS.move_to_end(key)
+            return found
+    module = _parse_new(source, filename)
+    with _ASTS_LOCK:
+        _ASTS[key] = module
+        while len(_ASTS) > _ASTS_KEEP:
+            _ASTS.popitem(last=False)
+    return module
+
+
+def _parse_new(source, filename: str) -> ast.Module:
     parser = _parser()
     import sys
     if sys.getrecursionlimit() < 20000:
