@@ -46,12 +46,7 @@ TINY = {
 }
 INDUCTOR_BY_DEFAULT = ("lstm",)
 INTENDED_BREAKS = ("outside_compile", "_check_tokens")
-KNOWN_FAILURES = {
-    # inductor restarts the first compile of the Mamba block and keeps the length static there:
-    # one recompile at the second length, none after (values still equal eager)
-    ("mamba", "inductor"): "one recompile at the second length under inductor (the restarted first compile)",
-    ("hybrid", "inductor"): "one recompile at the second length under inductor (the Mamba blocks)",
-}
+KNOWN_FAILURES: dict = {}     # (example, backend) -> reason; none known with torch 2.13
 
 
 DEFAULT = ("s4d", "lstm", "hybrid")    # 3-5 s each with warm compile caches, up to 60 s cold under load
