@@ -169,50 +169,58 @@ class Graph:
 
     # -- checking -----------------------------------------------------------------
     def verify(self) -> None:
-        """Check the IR's invariants; a failure is a compiler bug, not a user error."""
+        """Check the IR's invariants; a failure is a compiler bug, not a user error.
+        (It runs after every pass, so the loop reads the tables directly.)"""
         problems = []
         seen_keys: dict[str, int] = {}
         state_keys: dict[str, int] = {}
-        for n in self.order():
-            if n.op != "input" and n.op not in OPS:
+        nodes = self.nodes
+        has_edge = self.nx.has_edge
+        for nid in sorted(nodes):
+            n = nodes[nid]
+            spec = OPS.get(n.op)
+            if spec is None and n.op != "input":
                 problems.append(f"%{n.id}: unknown op {n.op}")
+            ins = []
             for r in n.inputs:
-                if r.node not in self.nodes:
+                src = nodes.get(r.node)
+                if src is None:
                     problems.append(f"%{n.id}: input {r} does not exist")
                 elif r.node >= n.id:
                     problems.append(f"%{n.id}: input {r} is not defined before it")
-                elif r.index >= len(self.nodes[r.node].shapes):
+                elif r.index >= len(src.shapes):
                     problems.append(f"%{n.id}: input {r} has no output {r.index}")
-                elif not self.nx.has_edge(r.node, n.id):
-                    problems.append(f"%{n.id}: edge from {r} missing in the DiGraph")
-            spec = n.spec
+                else:
+                    ins.append(src.shapes[r.index])
+                    if not has_edge(r.node, n.id):
+                        problems.append(f"%{n.id}: edge from {r} missing in the DiGraph")
             if spec is not None and not spec.variadic:
                 lo = len(spec.inputs) - len(spec.optional_inputs)
                 if not lo <= len(n.inputs) <= len(spec.inputs):
                     problems.append(f"%{n.id}: {n.op} takes {len(spec.inputs)} inputs, has {len(n.inputs)}")
             weight_keys: tuple = ()
             if spec is not None:
-                found, weight_keys = self._check_node_once(n, shapes=not problems)
+                found, weight_keys = self._check_node_once(n, shapes=not problems, ins=tuple(ins))
                 problems += found
-            if spec is not None and spec.stateful:
-                if n.name in state_keys:
-                    problems.append(f"%{n.id}: state key '{n.name}' also belongs to %{state_keys[n.name]}")
-                state_keys[n.name] = n.id
+                if spec.stateful:
+                    if n.name in state_keys:
+                        problems.append(f"%{n.id}: state key '{n.name}' also belongs to %{state_keys[n.name]}")
+                    state_keys[n.name] = n.id
             for key in weight_keys:
                 if key in seen_keys:
                     problems.append(f"%{n.id}: weight key {key} also belongs to %{seen_keys[key]}")
                 seen_keys[key] = n.id
         for r in self.outputs:
-            if r.node not in self.nodes or r.index >= len(self.nodes[r.node].shapes):
+            if r.node not in nodes or r.index >= len(nodes[r.node].shapes):
                 problems.append(f"output {r} does not exist")
-        if set(self.nx.nodes) != set(self.nodes):
+        if set(self.nx.nodes) != set(nodes):
             problems.append("DiGraph nodes differ from the node table")
         if not all(a < b for a, b in self.nx.edges):     # ids only grow along edges: no cycle
             problems.append("the graph has a cycle (an edge runs to an earlier node)")
         if problems:
             raise AssertionError("IR verification failed:\n  " + "\n  ".join(problems))
 
-    def _check_node_once(self, n: Node, shapes: bool) -> tuple[list[str], tuple]:
+    def _check_node_once(self, n: Node, shapes: bool, ins: tuple) -> tuple[list[str], tuple]:
         """(problems, weight keys) of node `n`: its shape check (`_check_shapes`, when
         `shapes`) and the weights it owns.  Both are pure functions of the op, the
         attributes, the name and the shapes, so a node whose check passed before on
@@ -221,8 +229,7 @@ class Graph:
         alone, and verifying after every pass costs one check per changed node."""
         if not shapes:
             return [], tuple(join(n.name, k) for k in n.weight_shapes())
-        ins = tuple(self.shape_of(r) for r in n.inputs)
-        seen = self._shapes_checked.get(n.id)
+        seen = self._shapes_checked.get(n.id)       # ins: the input shapes (verify has looked them up)
         if (seen is not None and seen[0] == n.op and seen[1] == n.name and seen[2] is n.shapes
                 and seen[3] is n.input_shapes and len(seen[4]) == len(ins)
                 and all(x is y for x, y in zip(seen[4], ins)) and seen[5] == n.attrs):
