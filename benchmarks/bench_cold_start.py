@@ -104,8 +104,9 @@ def main():
         runs.append({"cold": cold, "warm": warm, "load_before": load, "load_after": _load()})
         for kind, r in (("cold", cold), ("warm", warm)):
             phases = ", ".join(f"{k} {v:.2f}" for k, v in r["phases_s"].items())
-            print(f"run {i + 1} {kind}: {r['total_s']:.2f} s, CPU {r['process_cpu_s']:.2f} s (target {TARGET_S[kind]:.0f} s; message "
-                  f"{'shown' if r['message'] else 'not shown'}, {r['stderr_lines']} stderr line(s))\n    {phases}")
+            print(f"run {i + 1} {kind}: {r['total_s']:.2f} s, CPU {r['process_cpu_s']:.2f} s "
+                  f"(target {TARGET_S[kind]:.0f} s; message {'shown' if r['message'] else 'not shown'}, "
+                  f"{r['stderr_lines']} stderr line(s))\n    {phases}")
         print(f"    load average {runs[-1]['load_before']} before, {runs[-1]['load_after']} after; "
               f"heavy modules loaded: {', '.join(warm['modules_loaded']) or 'none'}")
     best = {k: min(r[k]["total_s"] for r in runs) for k in ("cold", "warm")}

@@ -3,9 +3,7 @@ newlines, a transformer to the dataclasses of ``seqc.ast`` and the translation
 of Lark's errors into located ``SeqcError``s written in plain words."""
 from __future__ import annotations
 
-import collections
 import functools
-import hashlib
 import os
 import re
 import stat
@@ -17,6 +15,7 @@ from lark import Token, Transformer, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
 
 from . import ast
+from .cache import Recent, cache_root, text_digest
 from .errors import SeqcError, Span, forget_source, remember_source
 from .limits import how_to_raise, limit
 
@@ -103,7 +102,6 @@ def _grammar_cache():
     a file in seqc's cache directory, or False when that cannot be created.  lark checks
     the file against a hash of the grammar, its options and lark's version, and rebuilds
     (and rewrites) it when it does not match or does not load."""
-    from seqc.cache import cache_root
     folder = os.path.join(cache_root(), "parser")
     try:
         os.makedirs(folder, exist_ok=True)
@@ -279,24 +277,16 @@ def parse(source, filename: str = "<string>", *, quote: bool = True) -> ast.Modu
     return _parse(source, filename)
 
 
-_ASTS: "collections.OrderedDict[tuple[str, str], ast.Module]" = collections.OrderedDict()
-_ASTS_KEEP = 64             # the ASTs (immutable) of the most recent distinct (file name, text hash) pairs
-_ASTS_LOCK = threading.Lock()
+_ASTS = Recent(64)          # the ASTs (immutable) of the most recent (file name, text) pairs
 
 
 def _parse(source, filename: str) -> ast.Module:
     source = _check_text(source, filename)     # also remembers it, for error carets
-    key = (filename, hashlib.sha256(source.encode("utf-8", "surrogatepass")).digest())   # not the text itself
-    with _ASTS_LOCK:
-        found = _ASTS.get(key)
-        if found is not None:
-            _ASTS.move_to_end(key)
-            return found
-    module = _parse_new(source, filename)
-    with _ASTS_LOCK:
-        _ASTS[key] = module
-        while len(_ASTS) > _ASTS_KEEP:
-            _ASTS.popitem(last=False)
+    key = (filename, text_digest(source))
+    module = _ASTS.get(key)
+    if module is None:
+        module = _parse_new(source, filename)
+        _ASTS.put(key, module)
     return module
 
 

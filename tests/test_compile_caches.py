@@ -28,7 +28,7 @@ def test_recompiling_reuses_code_and_a_different_model_gets_its_own():
     assert type(m3).forward.__code__ is not type(m1).forward.__code__   # other source, other code
     x = __import__("torch").randn(2, 5, 4)
     assert m3(x).shape == (2, 5, 7) and m1(x).shape == (2, 5, 3)
-    assert len(codegen._CODE) <= codegen._CODE_KEEP
+    assert len(codegen._CODE) <= codegen._CODE.keep
 
 
 def test_collector_is_paused_during_a_compile_and_restored():

@@ -124,6 +124,15 @@ def outside_compile(fn, *args):
     return fn(*args)
 
 
+def eager_when_compiled(fn, *args):
+    """``fn(*args)``; while torch.compile traces, in an intended graph break
+    (``outside_compile``): for the layer cores that loop over the length in Python, which
+    a trace would unroll per length (a recompile at every new length)."""
+    if torch.compiler.is_compiling():
+        return outside_compile(fn, *args)
+    return fn(*args)
+
+
 def check_lengths(lengths, x, minimum: int = 0):
     """`lengths` as a LongTensor (B,) on x's device with minimum <= length <= L, or None."""
     if lengths is None:

@@ -41,8 +41,9 @@ block) jobs) and their ``parallel=True`` twins (``_parallel_twin``).  At one thr
 torch's count, and for small calls (``PARALLEL_MIN_WORK``), the serial kernel runs in
 the calling thread, and a process that makes no other calls never compiles the twins
 (their parallel lowering is about half of a cold start's compile time).  Otherwise
-the twin runs on numba's threads, whose count follows torch's at each launch; numba's OpenMP layer shares torch's OpenMP runtime, so its threads are the ones
-torch's ops just used (a pool of seqc's own lost a core to OpenMP's spin-waiting threads:
+the twin runs on numba's threads, whose count follows torch's at each launch; numba's
+OpenMP layer shares torch's OpenMP runtime, so its threads are the ones torch's ops
+just used (a pool of seqc's own lost a core to OpenMP's spin-waiting threads:
 measured, no faster at two threads than at one).  numba's ``workqueue`` threading layer
 aborts the process when two Python threads launch parallel kernels at once, so launches
 are serialised until numba has chosen its layer, and for good when it chose workqueue
@@ -224,6 +225,17 @@ def numba_module():
 # --------------------------------------------------------------------------- #
 # the template
 # --------------------------------------------------------------------------- #
+_COPY2 = '''
+
+@numba.njit(inline="always", cache=_CACHE)
+def _copy2(dst, src):
+    """dst[:, :] = src[:, :] by loops: a whole-slice assignment makes numba compile its
+    broadcast and shape-error machinery (seconds of a cold start)."""
+    for n in range(src.shape[0]):
+        for j in range(src.shape[1]):
+            dst[n, j] = src[n, j]
+'''  # in both kernel modules' headers
+
 _HEADER = '''\
 """seqc: generated CPU kernels of the diagonal linear recurrence ({method}; {flags}).
 Prologue/epilogue printed from the discretization's scalar programs; regenerate, do not edit."""
@@ -235,16 +247,7 @@ import numpy as np
 from {exp_module} import _exp, _log1p
 
 _CACHE = {cache}
-
-
-@numba.njit(inline="always", cache=_CACHE)
-def _copy2(dst, src):
-    """dst[:, :] = src[:, :] by loops: a whole-slice assignment makes numba compile its
-    broadcast and shape-error machinery (seconds of a cold start)."""
-    for n in range(src.shape[0]):
-        for j in range(src.shape[1]):
-            dst[n, j] = src[n, j]
-# runtime version: {version}
+{copy2}# runtime version: {version}
 '''
 
 _FWD = """
@@ -493,6 +496,7 @@ def generate(disc, cache: bool, flags=None) -> str:
                       gain_b="dl[j]" if gain_is_dt else "gv", gain_u="" if gain_is_dt else " * gv",
                       grad_terms=_indent(terms, 24), channel_terms=_indent(channel, 16))
     header = _HEADER.format(method=disc.method, exp_module=__name__, cache=bool(cache), version=_VERSION,
+                            copy2=_COPY2,
                             flags=", ".join(f"{k}={v}" for k, v in zip(FLAGS, (bias, softplus, d_skip, gate))))
     return header + fwd + bwd + _parallel_twin(fwd) + _parallel_twin(bwd)
 
@@ -507,16 +511,7 @@ import numba
 import numpy as np
 
 _CACHE = {cache}
-
-
-@numba.njit(inline="always", cache=_CACHE)
-def _copy2(dst, src):
-    """dst[:, :] = src[:, :] by loops: a whole-slice assignment makes numba compile its
-    broadcast and shape-error machinery (seconds of a cold start)."""
-    for n in range(src.shape[0]):
-        for j in range(src.shape[1]):
-            dst[n, j] = src[n, j]
-# runtime version: {version}
+{copy2}# runtime version: {version}
 '''
 
 _LTI_FWD = """
@@ -525,7 +520,8 @@ def fwd(j0, j1, ur, ui, ar, ai, br, bi, cr, ci, lens, chunk, yr, yi, ckpt, xr, x
     \"""Runs the jobs j0 <= b * nw + k < j1: x_t = a x_(t-1) + Bbar u_t, w_t = sum_s C_s x_t,s
     per (channel, mode), complex numbers as (re, im) arrays.  u, w: (b, L, nw, W); a, Bbar, C:
     (nw, S, W); x (b, nw, S, W) holds the initial state on entry and the state after L steps
-    on exit; f gets the state after lens[b] steps; ckpt (b, nchunks, 2, nw, S, W) the state before each chunk.\"""
+    on exit; f gets the state after lens[b] steps; ckpt (b, nchunks, 2, nw, S, W) the state
+    before each chunk.\"""
     nb, L, nw, W = ur.shape
     S = ar.shape[1]
     for job in range(j0, j1):
@@ -661,7 +657,7 @@ def generate_lti(complex_in: bool, complex_out: bool, cache: bool) -> str:
     fwd = _LTI_FWD.format(**{k: v for k, v in sub.items() if "{" + k + "}" in _LTI_FWD})
     bwd = _LTI_BWD.format(**{k: v for k, v in sub.items() if "{" + k + "}" in _LTI_BWD})
     header = _LTI_HEADER.format(complex_in=bool(complex_in), complex_out=bool(complex_out), cache=bool(cache),
-                                version=_VERSION)
+                                version=_VERSION, copy2=_COPY2)
     body = header + fwd + bwd + _parallel_twin(fwd) + _parallel_twin(bwd)
     return "\n".join(ln for ln in body.split("\n") if ln.strip() != "pass") + "\n"
 
@@ -807,12 +803,13 @@ class _Guarded:
     """The kernels of one module: serial ``fwd``/``bwd`` over a range of jobs and their
     ``parallel=True`` twins (``fwd_parallel``/``bwd_parallel``, compiled only when first
     used).  At one thread of torch's count, one job, or a small call (``PARALLEL_MIN_WORK``)
-    the serial kernel runs in the calling thread; otherwise the parallel one on numba's threads.  If a cached kernel
-    fails to load on its first call (a damaged numba cache), the module is rebuilt and
-    the call retried once."""
+    the serial kernel runs in the calling thread; otherwise the parallel one on numba's
+    threads.  If a cached kernel fails to load on its first call (a damaged numba cache),
+    the module is rebuilt and the call retried once."""
 
-    def __init__(self, pair, build, label, source, stem):
-        self.pair, self.build, self.label, self.source, self.stem, self.tried = pair, build, label, source, stem, set()
+    def __init__(self, kernels, build, label, source, stem):
+        self.kernels, self.build, self.label = kernels, build, label
+        self.source, self.stem, self.tried = source, stem, set()
 
     def _call(self, which, args):
         threads = _torch_threads()
@@ -840,14 +837,14 @@ class _Guarded:
     def _run(self, which, args):
         key = (which, args[-1].dtype)
         if key in self.tried:
-            return self.pair[which](*args)
+            return self.kernels[which](*args)
         try:
-            return self.pair[which](*args)
+            return self.kernels[which](*args)
         except (pickle.UnpicklingError, EOFError, OSError, ImportError, AttributeError):
             with _LOCK:
-                self.pair = _rebuild(self.build, self.label, self.source, self.stem)
+                self.kernels = _rebuild(self.build, self.label, self.source, self.stem)
                 self.stem = None
-            return self.pair[which](*args)
+            return self.kernels[which](*args)
         finally:
             self.tried.add(key)
 

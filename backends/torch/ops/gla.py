@@ -6,7 +6,8 @@ masked score matrix ``A[t, s] = sum_k q_tk k_sk exp(b_tk - b_sk)`` (b the
 cumulative log decay, every exponent <= 0) times v, plus ``(q_t exp(b_t)) S``
 from the state carried between chunks; ``recurrent`` - the recurrence one step
 at a time.  Both loop over the length in Python, so under torch.compile they run
-eagerly in an intended graph break (``outside_compile``): one graph for every length.  ``norm`` (group / rms) normalises each head's output before ``o_proj``
+eagerly in an intended graph break (``eager_when_compiled``): one graph for every
+length.  ``norm`` (group / rms) normalises each head's output before ``o_proj``
 (absent with ``o_proj = false``).  ``lengths=``: past a sequence's end k = 0 and alpha = 1, so the
 final state is the state after exactly that many steps.  The state accumulates
 in float32 (float64 for float64 inputs)."""
@@ -20,7 +21,7 @@ from torch import nn
 
 from seqc.ops.gla import retnet_log_gamma
 
-from ..base import (Recurrent, accumulator_dtype, check_lengths, no_autocast, outside_compile, output_dtype,
+from ..base import (Recurrent, accumulator_dtype, check_lengths, eager_when_compiled, no_autocast, output_dtype,
                     work_dtype)
 
 CHUNK = 32
@@ -113,10 +114,7 @@ class GLA(Recurrent):
                 k, log_alpha = k * keep, log_alpha * keep
             S = (self.init_state(batch, work, x.device) if state is None else state)["S"].to(acc)
             core = gla_recurrent if self.plan == "recurrent" else gla_chunked
-            if torch.compiler.is_compiling():   # its loop over the length would recompile per length
-                o, S = outside_compile(core, q, k, v, log_alpha, S)
-            else:
-                o, S = core(q, k, v, log_alpha, S)
+            o, S = eager_when_compiled(core, q, k, v, log_alpha, S)
             y = head_norm(o, self.attrs["norm"], self.attrs["norm_eps"]).reshape(batch, length, -1).to(work)
             if self.attrs["o_proj"]:
                 y = F.linear(y, self.o_proj.weight.to(work))

@@ -3,16 +3,17 @@ the gates as one batched matmul per head, then the diagonal recurrence
 ``h_t = a_t h_{t-1} + u_t`` by one of two plans - ``scan`` (recursive doubling:
 ceil(log2 L) elementwise steps, stable since it only multiplies decays <= 1)
 or ``recurrent`` (a loop over time); under torch.compile either runs eagerly in an
-intended graph break (``outside_compile``), one graph for every length.  The normaliser sqrt(1 - a^2) has RecurrentGemma's clipped
-gradient (at most ``MAX_SQRT_GRADIENT``).  ``lengths=``: past a sequence's end a = 1 and u = 0, so
-the final state is the state after exactly that many steps.  The state
-accumulates in float32 (float64 for float64 inputs)."""
+intended graph break (``eager_when_compiled``), one graph for every length.  The
+normaliser sqrt(1 - a^2) has RecurrentGemma's clipped gradient (at most
+``MAX_SQRT_GRADIENT``).  ``lengths=``: past a sequence's end a = 1 and u = 0, so the final
+state is the state after exactly that many steps.  The state accumulates in float32
+(float64 for float64 inputs)."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from ..base import (Recurrent, accumulator_dtype, check_lengths, no_autocast, outside_compile, output_dtype,
+from ..base import (Recurrent, accumulator_dtype, check_lengths, eager_when_compiled, no_autocast, output_dtype,
                     work_dtype)
 
 MAX_SQRT_GRADIENT = 1000.0      # RecurrentGemma clips d sqrt(v)/dv at this value (bfloat16 training)
@@ -97,10 +98,7 @@ class RGLRU(Recurrent):
                 keep = (torch.arange(length, device=x.device)[None, :] < lengths[:, None])[..., None]
                 log_a, u = log_a * keep, u * keep
             scan = loop_diag_scan if self.plan == "recurrent" else doubling_diag_scan
-            if torch.compiler.is_compiling():   # its loop over the length would recompile per length
-                y, h = outside_compile(scan, log_a, u, h)
-            else:
-                y, h = scan(log_a, u, h)
+            y, h = eager_when_compiled(scan, log_a, u, h)
         y = y.to(output_dtype(out_dtype, work))
         if not return_state:
             return y
