@@ -7,7 +7,8 @@
   1-semiseparable decay mask per head, the chunk states (the heads of a group
   stacked into one matmul), the chunk-to-chunk recurrence (L / chunk cheap
   elementwise steps), and the states read back through C.  Padding to whole chunks uses dt = 0 (decay 1, no input).
-  One autograd Function with a hand-written backward (``_ChunkedSSD``), the D skip included.
+  One core with a hand-written backward (``FusedCore``), the D skip included; under
+  torch.compile a custom op, so the model stays one graph for every length.
 * ``recurrent``: ``step`` in a loop over time (what decoding runs).
 
 ``lengths=``: dt is zeroed past each length, so the state stops there.
@@ -17,8 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..base import (Layer, Recurrent, accumulator_dtype, check_lengths, no_autocast, outside_compile, output_dtype,
-                    work_dtype)
+from ..base import Layer, Recurrent, accumulator_dtype, check_lengths, no_autocast, output_dtype, work_dtype
+from ..fused import FusedCore
 
 
 def _prepare_dt(dt, dt_bias, softplus):
@@ -30,141 +31,147 @@ def _pad_time(t, pad):
     return F.pad(t, (0,) * (2 * (t.dim() - 2)) + (0, pad)) if pad else t
 
 
-class _ChunkedSSD(torch.autograd.Function):
-    """The chunked SSD form with a hand-written backward (the saved intermediates are the decay
-    and mixing matrices of the diagonal blocks and the chunk start states; nothing is stored
-    twice).  The causal mask is applied to the scores ``C B^T`` (shared by the heads of a
-    group) and the decay exponent is masked to 0 before exp, never to -inf (exp(-inf) takes
-    a slow path on CPU)."""
-
-    @staticmethod
-    def forward(ctx, x, dt, a, B, C, D, h0, chunk):
-        """x (b, L, H, P), dt (b, L, H) (prepared), a (H,), B, C (b, L, G, N), D (H,) or None,
-        h0 (b, H, P, N) or None -> y (b, L, H, P) with the D skip, final state (b, H, P, N)."""
-        b, L, H, P = x.shape
-        G, N = B.shape[2], B.shape[3]
-        R, Q = H // G, chunk
-        pad = (-L) % Q
-        c = (L + pad) // Q
-        xq = _pad_time(x, pad).reshape(b, c, Q, H, P)
-        dtq = _pad_time(dt, pad).reshape(b, c, Q, H)
-        cs = torch.cumsum(dtq * a, 2)                                          # (b, c, Q, H)
-        Xt = xq * dtq[..., None]                                               # dt x, time-major
-        Xh = Xt.permute(0, 1, 3, 2, 4).contiguous()                            # (b, c, H, Q, P)
-        Bc = _pad_time(B, pad).reshape(b, c, Q, G, N).transpose(2, 3).contiguous()   # (b, c, G, Q, N)
-        Cc = _pad_time(C, pad).reshape(b, c, Q, G, N).transpose(2, 3).contiguous()
-        csh = cs.transpose(2, 3)
-        decay = torch.sub(csh[..., :, None], csh[..., None, :], out=cs.new_empty(b, c, H, Q, Q))
-        upper = torch.ones(Q, Q, dtype=torch.bool, device=x.device).triu_(1)
-        decay.masked_fill_(upper, 0.0).exp_()
-        scores = (Cc @ Bc.transpose(-1, -2)).masked_fill_(upper, 0.0)          # (b, c, G, Q, Q)
-        M = torch.empty_like(decay)
-        torch.mul(decay.view(b, c, G, R, Q, Q), scores[:, :, :, None], out=M.view(b, c, G, R, Q, Q))
-        Yd = M @ Xh                                                            # (b, c, H, Q, P)
-        last = cs[:, :, -1]                                                    # (b, c, H)
-        wd = torch.exp(last[:, :, None] - cs)                                  # (b, c, Q, H)
-        W = (Xt * wd[..., None]).view(b, c, Q, G, R * P).transpose(2, 3)       # (b, c, G, Q, R P)
-        S = Bc.transpose(-1, -2) @ W                                           # (b, c, G, N, R P)
-        carry = torch.exp(last)
-        cg = carry.view(b, c, G, 1, R, 1)
-        starts = S.new_empty(b, c, G, N, R * P)
-        if h0 is None:
-            starts[:, 0] = 0
+def _chunked_forward(x, dt, a, B, C, D, h0, chunk):
+    """The chunked SSD form, all chunks at once.  x (b, L, H, P), dt (b, L, H) (prepared),
+    a (H,), B, C (b, L, G, N), D (H,) or None, h0 (b, H, P, N) or None -> (y (b, L, H, P) with
+    the D skip, final state (b, H, P, N)) and the intermediates the backward reads: the decay
+    and mixing matrices of the diagonal blocks and the chunk start states, nothing stored twice.
+    The causal mask is applied to the scores ``C B^T`` (shared by the heads of a group) and the
+    decay exponent is masked to 0 before exp, never to -inf (exp(-inf) takes a slow path on CPU)."""
+    b, L, H, P = x.shape
+    G, N = B.shape[2], B.shape[3]
+    R, Q = H // G, chunk
+    pad = (-L) % Q
+    c = (L + pad) // Q
+    xq = _pad_time(x, pad).reshape(b, c, Q, H, P)
+    dtq = _pad_time(dt, pad).reshape(b, c, Q, H)
+    cs = torch.cumsum(dtq * a, 2)                                          # (b, c, Q, H)
+    Xt = xq * dtq[..., None]                                               # dt x, time-major
+    Xh = Xt.permute(0, 1, 3, 2, 4).contiguous()                            # (b, c, H, Q, P)
+    Bc = _pad_time(B, pad).reshape(b, c, Q, G, N).transpose(2, 3).contiguous()   # (b, c, G, Q, N)
+    Cc = _pad_time(C, pad).reshape(b, c, Q, G, N).transpose(2, 3).contiguous()
+    csh = cs.transpose(2, 3)
+    decay = torch.sub(csh[..., :, None], csh[..., None, :], out=cs.new_empty(b, c, H, Q, Q))
+    upper = torch.ones(Q, Q, dtype=torch.bool, device=x.device).triu_(1)
+    decay.masked_fill_(upper, 0.0).exp_()
+    scores = (Cc @ Bc.transpose(-1, -2)).masked_fill_(upper, 0.0)          # (b, c, G, Q, Q)
+    M = torch.empty_like(decay)
+    torch.mul(decay.view(b, c, G, R, Q, Q), scores[:, :, :, None], out=M.view(b, c, G, R, Q, Q))
+    Yd = M @ Xh                                                            # (b, c, H, Q, P)
+    last = cs[:, :, -1]                                                    # (b, c, H)
+    wd = torch.exp(last[:, :, None] - cs)                                  # (b, c, Q, H)
+    XW = Xt * wd[..., None]                                                # (b, c, Q, H, P)
+    W = XW.view(b, c, Q, G, R * P).transpose(2, 3)                          # (b, c, G, Q, R P)
+    S = Bc.transpose(-1, -2) @ W                                           # (b, c, G, N, R P)
+    carry = torch.exp(last)
+    cg = carry.view(b, c, G, 1, R, 1)
+    starts = S.new_empty(b, c, G, N, R * P)
+    if h0 is None:
+        starts[:, 0] = 0
+    else:
+        starts[:, 0] = h0.view(b, G, R, P, N).permute(0, 1, 4, 2, 3).reshape(b, G, N, R * P)
+    h = None
+    for k in range(c):
+        nxt = torch.addcmul(S[:, k].view(b, G, N, R, P), starts[:, k].view(b, G, N, R, P), cg[:, k])
+        if k + 1 < c:
+            starts[:, k + 1] = nxt.view(b, G, N, R * P)
         else:
-            starts[:, 0] = h0.view(b, G, R, P, N).permute(0, 1, 4, 2, 3).reshape(b, G, N, R * P)
-        h = None
-        for k in range(c):
-            nxt = torch.addcmul(S[:, k].view(b, G, N, R, P), starts[:, k].view(b, G, N, R, P), cg[:, k])
-            if k + 1 < c:
-                starts[:, k + 1] = nxt.view(b, G, N, R * P)
-            else:
-                h = nxt
-        U = Cc @ starts                                                        # (b, c, G, Q, R P)
-        E = torch.exp(cs)
-        y = U.view(b, c, G, Q, R, P).permute(0, 1, 3, 2, 4, 5).reshape(b, c, Q, H, P) * E[..., None]
-        y += Yd.permute(0, 1, 3, 2, 4)
-        y = y.view(b, c * Q, H, P)
-        if pad:
-            y = y[:, :L].contiguous()
-        if D is not None:
-            y.addcmul_(x, D[:, None])
-        ctx.save_for_backward(x, dt, a, D, Bc, Cc, Xt, Xh, decay, M, wd, W, starts, U, E, carry)
-        ctx.dims = (b, L, H, P, G, N, R, Q, pad, c, h0 is not None)
-        return y, h.permute(0, 1, 3, 4, 2).reshape(b, H, P, N)
+            h = nxt
+    U = Cc @ starts                                                        # (b, c, G, Q, R P)
+    E = torch.exp(cs)
+    y = U.view(b, c, G, Q, R, P).permute(0, 1, 3, 2, 4, 5).reshape(b, c, Q, H, P) * E[..., None]
+    y += Yd.permute(0, 1, 3, 2, 4)
+    y = y.view(b, c * Q, H, P)
+    if pad:
+        y = y[:, :L].contiguous()
+    if D is not None:
+        y.addcmul_(x, D[:, None])
+    h = h.permute(0, 1, 3, 4, 2).reshape(b, H, P, N)
+    return (y, h), (Bc, Cc, Xt, Xh, decay, M, wd, XW, starts, U, E, carry)
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dy, dh):
-        x, dt, a, D, Bc, Cc, Xt, Xh, decay, M, wd, W, starts, U, E, carry = ctx.saved_tensors
-        b, L, H, P, G, N, R, Q, pad, c, has_h0 = ctx.dims
-        dyq = _pad_time(dy, pad).reshape(b, c, Q, H, P)
-        # off-diagonal part y = E (C . starts)
-        dE = (dyq.view(b, c, Q, G, R, P) * U.view(b, c, G, Q, R, P).transpose(2, 3)).sum(-1).view(b, c, Q, H)
-        dcs = dE * E
-        dU = (dyq * E[..., None]).view(b, c, Q, G, R * P).transpose(2, 3)      # (b, c, G, Q, R P)
-        dCc = dU @ starts.transpose(-1, -2)
-        dstarts = Cc.transpose(-1, -2) @ dU                                    # (b, c, G, N, R P)
-        cg = carry.view(b, c, G, 1, R, 1)
-        g = dh.view(b, G, R, P, N).permute(0, 1, 4, 2, 3)                     # (b, G, N, R, P)
-        dS = torch.empty_like(starts)
-        for k in range(c - 1, -1, -1):
-            dS[:, k] = g.reshape(b, G, N, R * P)
-            g = torch.addcmul(dstarts[:, k].view(b, G, N, R, P), g, cg[:, k])
-        dh0 = g.permute(0, 1, 3, 4, 2).reshape(b, H, P, N) if has_h0 else None
-        dlast = (dS.view(b, c, G, N, R, P) * starts.view(b, c, G, N, R, P)).sum((3, 5)).view(b, c, H) * carry
-        # chunk states S = B^T W
-        dW = Bc @ dS                                                           # (b, c, G, Q, R P)
-        dBc = W @ dS.transpose(-1, -2)
-        dWt = dW.transpose(2, 3).reshape(b, c, Q, H, P)
-        dXt = dWt * wd[..., None]
-        t = (dWt * Xt).sum(-1) * wd
-        dcs -= t
-        dlast += t.sum(2)
-        dcs[:, :, -1] += dlast
-        # diagonal blocks y = M Xh, M = decay * scores
-        dYh = dyq.permute(0, 1, 3, 2, 4).contiguous()
-        dM = dYh @ Xh.transpose(-1, -2)                                        # (b, c, H, Q, Q)
-        dXt += (M.transpose(-1, -2) @ dYh).permute(0, 1, 3, 2, 4)
-        dscores = (dM.view(b, c, G, R, Q, Q) * decay.view(b, c, G, R, Q, Q)).sum(3)
-        dscores.masked_fill_(torch.ones(Q, Q, dtype=torch.bool, device=x.device).triu_(1), 0.0)
-        dM *= M
-        dcs += (dM.sum(-1) - dM.sum(-2)).transpose(2, 3)
-        dCc += dscores @ Bc
-        dBc += dscores.transpose(-1, -2) @ Cc
-        # cs = cumsum(dt a), Xt = dt x
-        dA = dcs.flip(2).cumsum(2).flip(2)
-        dtq = _pad_time(dt, pad).reshape(b, c, Q, H)
-        xq = _pad_time(x, pad).reshape(b, c, Q, H, P)
-        ddt = (dA * a + (dXt * xq).sum(-1)).view(b, c * Q, H)[:, :L]
-        da = (dA * dtq).sum((0, 1, 2))
-        dx = (dXt * dtq[..., None]).view(b, c * Q, H, P)[:, :L]
-        dD = None
-        if D is not None:
-            dx = dx.addcmul(dy, D[:, None])
-            dD = (dy * x).sum((0, 1, 3))
-        dB = dBc.transpose(2, 3).reshape(b, c * Q, G, N)[:, :L]
-        dC = dCc.transpose(2, 3).reshape(b, c * Q, G, N)[:, :L]
-        return dx, ddt, da, dB, dC, dD, dh0, None
+
+def _chunked_backward(inputs, saved, grads, options):
+    """The gradients of ``_chunked_forward`` (x, dt, a, B, C, D, h0; None for an absent one)."""
+    x, dt, a, B, C, D, h0 = inputs
+    Bc, Cc, Xt, Xh, decay, M, wd, XW, starts, U, E, carry = saved
+    dy, dh = grads
+    (Q,) = options
+    b, L, H, P = x.shape
+    G, N = B.shape[2], B.shape[3]
+    R, c = H // G, Bc.shape[1]
+    pad = c * Q - L
+    W = XW.view(b, c, Q, G, R * P).transpose(2, 3)                          # (b, c, G, Q, R P)
+    dyq = _pad_time(dy, pad).reshape(b, c, Q, H, P)
+    # off-diagonal part y = E (C . starts)
+    dE = (dyq.view(b, c, Q, G, R, P) * U.view(b, c, G, Q, R, P).transpose(2, 3)).sum(-1).view(b, c, Q, H)
+    dcs = dE * E
+    dU = (dyq * E[..., None]).view(b, c, Q, G, R * P).transpose(2, 3)      # (b, c, G, Q, R P)
+    dCc = dU @ starts.transpose(-1, -2)
+    dstarts = Cc.transpose(-1, -2) @ dU                                    # (b, c, G, N, R P)
+    cg = carry.view(b, c, G, 1, R, 1)
+    g = dh.view(b, G, R, P, N).permute(0, 1, 4, 2, 3)                     # (b, G, N, R, P)
+    dS = torch.empty_like(starts)
+    for k in range(c - 1, -1, -1):
+        dS[:, k] = g.reshape(b, G, N, R * P)
+        g = torch.addcmul(dstarts[:, k].view(b, G, N, R, P), g, cg[:, k])
+    dh0 = g.permute(0, 1, 3, 4, 2).reshape(b, H, P, N) if h0 is not None else None
+    dlast = (dS.view(b, c, G, N, R, P) * starts.view(b, c, G, N, R, P)).sum((3, 5)).view(b, c, H) * carry
+    # chunk states S = B^T W
+    dW = Bc @ dS                                                           # (b, c, G, Q, R P)
+    dBc = W @ dS.transpose(-1, -2)
+    dWt = dW.transpose(2, 3).reshape(b, c, Q, H, P)
+    dXt = dWt * wd[..., None]
+    t = (dWt * Xt).sum(-1) * wd
+    dcs -= t
+    dlast += t.sum(2)
+    dcs[:, :, -1] += dlast
+    # diagonal blocks y = M Xh, M = decay * scores
+    dYh = dyq.permute(0, 1, 3, 2, 4).contiguous()
+    dM = dYh @ Xh.transpose(-1, -2)                                        # (b, c, H, Q, Q)
+    dXt += (M.transpose(-1, -2) @ dYh).permute(0, 1, 3, 2, 4)
+    dscores = (dM.view(b, c, G, R, Q, Q) * decay.view(b, c, G, R, Q, Q)).sum(3)
+    dscores.masked_fill_(torch.ones(Q, Q, dtype=torch.bool, device=x.device).triu_(1), 0.0)
+    dM *= M
+    dcs += (dM.sum(-1) - dM.sum(-2)).transpose(2, 3)
+    dCc += dscores @ Bc
+    dBc += dscores.transpose(-1, -2) @ Cc
+    # cs = cumsum(dt a), Xt = dt x
+    dA = dcs.flip(2).cumsum(2).flip(2)
+    dtq = _pad_time(dt, pad).reshape(b, c, Q, H)
+    xq = _pad_time(x, pad).reshape(b, c, Q, H, P)
+    ddt = (dA * a + (dXt * xq).sum(-1)).view(b, c * Q, H)[:, :L]
+    da = (dA * dtq).sum((0, 1, 2))
+    dx = (dXt * dtq[..., None]).view(b, c * Q, H, P)[:, :L]
+    dD = None
+    if D is not None:
+        dx = dx.addcmul(dy, D[:, None])
+        dD = (dy * x).sum((0, 1, 3))
+    dB = dBc.transpose(2, 3).reshape(b, c * Q, G, N)[:, :L]
+    dC = dCc.transpose(2, 3).reshape(b, c * Q, G, N)[:, :L]
+    return dx, ddt, da, dB, dC, dD, dh0
+
+
+def _chunked_fake(x, dt, a, B, C, D, h0, chunk):
+    b, L, H, P = x.shape
+    G, N = B.shape[2], B.shape[3]
+    R, Q = H // G, chunk
+    c = (L + Q - 1) // Q
+    shapes = ((b, L, H, P), (b, H, P, N),
+              (b, c, G, Q, N), (b, c, G, Q, N), (b, c, Q, H, P), (b, c, H, Q, P), (b, c, H, Q, Q), (b, c, H, Q, Q),
+              (b, c, Q, H), (b, c, Q, H, P), (b, c, G, N, R * P), (b, c, G, Q, R * P), (b, c, Q, H), (b, c, H))
+    return [x.new_empty(s) for s in shapes]
+
+
+_CHUNKED = FusedCore("ssd_chunked", "Tensor x, Tensor dt, Tensor a, Tensor B, Tensor C, Tensor? D, Tensor? h0, int chunk",
+                     _chunked_forward, _chunked_backward, _chunked_fake, n_outputs=2)
 
 
 def ssd_chunked(x, dt, a, B, C, h0, chunk, D=None):
     """x (b, L, H, P), dt (b, L, H) (already biased and softplus'd), a (H,), B, C (b, L, G, N),
     h0 (b, H, P, N) or None, D (H,) or None -> y (b, L, H, P) (plus D x), final state (b, H, P, N).
-
-    Under torch.compile it runs eagerly, an intended graph break (``outside_compile``): its
-    loop over the chunks would be unrolled per length, and AOT autograd cannot trace its
-    padding and views under symbolic lengths (torch 2.13)."""
-    if torch.compiler.is_compiling():
-        return outside_compile(_chunked_owning, x, dt, a, B, C, D, h0, chunk)
-    return _ChunkedSSD.apply(x, dt, a, B, C, D, h0, chunk)
-
-
-def _chunked_owning(*args):
-    """``_ChunkedSSD.apply`` with a y that is never a view: whether it is one depends on the
-    length (a multiple of the chunk or not), and dynamo guards on the view's base after the
-    graph break, so a view at one length and not at the next would recompile."""
-    y, h = _ChunkedSSD.apply(*args)
-    return y.clone(), h
+    One core with a hand-written backward (``FusedCore``): under torch.compile a custom op,
+    no graph break, one graph for every length.  L >= 1."""
+    return _CHUNKED(x, dt, a, B, C, D, h0, chunk)
 
 
 def ssd_step(x, dt, a, B, C, h):
