@@ -11,9 +11,10 @@ compiles).
 The contract for a core ``name``:
 
 * ``forward(*args) -> (outputs, saved)``: ``args`` are the tensors (``None`` for an absent
-  optional one) then the integer options, as ``params`` declares them in torch's schema
-  syntax (``"Tensor x, Tensor? h0, int chunk"``); ``outputs`` are differentiable, ``saved``
-  are intermediates for the backward.  All are fresh tensors (never views of an input).
+  optional one) then the options (int, bool, str), as ``params`` declares them in torch's
+  schema syntax (``"Tensor x, Tensor? h0, int chunk"``); ``outputs`` are differentiable,
+  ``saved`` are intermediates for the backward.  All are fresh tensors (never views of an
+  input).
 * ``backward(inputs, saved, grads, options) -> grads of the input tensors`` (``None`` where
   an input is absent or gets none); ``grads`` has a tensor for every output (zeros for an
   unused one).
@@ -34,7 +35,9 @@ class FusedCore:
 
     def __init__(self, name: str, params: str, forward, backward, fake, n_outputs: int):
         self.name, self.n_outputs = name, n_outputs
-        self.n_tensors = sum(1 for p in params.split(",") if p.split()[0].startswith("Tensor"))
+        declared = [p.strip() for p in params.split(",")]
+        self.n_tensors = sum(1 for p in declared if p.startswith("Tensor"))
+        options = ", ".join(declared[self.n_tensors:])
         self._forward, self._backward = forward, backward
         core = self
 
@@ -57,11 +60,11 @@ class FusedCore:
             outputs, saved = forward(*args)
             return [_dense(t) for t in (*outputs, *saved)]
 
-        def op_backward(inputs, saved, grads, options):
+        def op_backward(inputs, saved, grads, *options):
             got = backward(inputs, saved, grads, options)
             return [inputs[0].new_empty(0) if g is None else _dense(g) for g in got]
 
-        def fake_backward(inputs, saved, grads, options):
+        def fake_backward(inputs, saved, grads, *options):
             return [inputs[0].new_empty(0) if t is None else t.new_empty(t.shape) for t in inputs]
 
         self._op = torch.library.custom_op(f"seqc::{name}", op_forward, mutates_args=(),
@@ -69,7 +72,7 @@ class FusedCore:
         self._op.register_fake(lambda *args: fake(*args))
         self._op_backward = torch.library.custom_op(
             f"seqc::{name}_backward", op_backward, mutates_args=(),
-            schema="(Tensor?[] inputs, Tensor[] saved, Tensor[] grads, int[] options) -> Tensor[]")
+            schema=f"(Tensor?[] inputs, Tensor[] saved, Tensor[] grads, {options}) -> Tensor[]")
         self._op_backward.register_fake(fake_backward)
 
         def setup(ctx, inputs, output):
@@ -77,7 +80,7 @@ class FusedCore:
 
         def grad(ctx, grads):          # one list: the gradients of the op's Tensor[] output
             def call(inputs, saved, grads, options):
-                got = self._op_backward(list(inputs), list(saved), list(grads), list(options))
+                got = self._op_backward(list(inputs), list(saved), list(grads), *options)
                 return [None if t is None else g for g, t in zip(got, inputs)]
             return self._grad(ctx, grads[:self.n_outputs], call)
 
@@ -88,7 +91,7 @@ class FusedCore:
         saved = produced[self.n_outputs:]
         ctx.mark_non_differentiable(*saved)
         ctx.save_for_backward(*tensors, *saved)
-        ctx.options = tuple(int(o) for o in options)
+        ctx.options = tuple(options)
         ctx.like = [(o.shape, o.dtype, o.device) for o in produced[:self.n_outputs]]
 
     def _grad(self, ctx, grads, backward):

@@ -49,6 +49,7 @@ from seqc.errors import SeqcError
 
 from . import cpu_kernels
 from .base import compiler_disable
+from .fused import FusedCore
 
 DISCRETIZATIONS = ("mamba", "zoh", "bilinear")
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -322,11 +323,11 @@ class _ScanCore(torch.autograd.Function):
         return grads + (None,)
 
 
-# The fused numba path is a torch custom op (``seqc::selective_scan_fused`` and its backward),
-# with fake implementations giving the output shapes from the inputs' (symbolic) shapes: under
-# torch.compile dynamo puts one opaque call in the graph, no graph break, and a new batch or
-# length reuses the compiled graph.  The discretization program travels as a string key
-# (``program_key``) registered once, outside tracing.
+# The fused numba path is a ``FusedCore``: under torch.compile the custom op
+# ``seqc::selective_scan_fused`` and its backward, with fake implementations giving the output
+# shapes from the inputs' (symbolic) shapes, so dynamo puts one opaque call in the graph, no
+# graph break, and a new batch or length reuses the compiled graph.  The discretization
+# program travels as a string key (``program_key``) registered once, outside tracing.
 _PROGRAMS: dict = {}        # key -> DiscProgram
 
 
@@ -366,85 +367,34 @@ def _fused_engine(key, bias, softplus, d_skip, gate, chunk):
     return _NumbaEngine(chunk or _NUMBA_CHUNK, kernels)
 
 
-def _fused_forward_impl(u, delta, A, B, C, D, z, bias, x0, key, softplus, chunk):
-    """(final y, final state, checkpoints flattened to (batch, chunks, D * N))."""
+def _fused_forward(u, delta, A, B, C, D, z, bias, x0, key, softplus, chunk):
+    """((y, final state), (checkpoints flattened to (batch, chunks, D * N),))."""
     engine = _fused_engine(key, bias is not None, softplus, D is not None, z is not None, chunk)
     y, last, ckpt = engine.forward(u, delta, A, B, C, D, z, bias, x0)
-    return y, last.contiguous(), ckpt.view(ckpt.shape[0], ckpt.shape[1], -1)
+    return (y, last), (ckpt.view(ckpt.shape[0], ckpt.shape[1], -1),)
 
 
-def _fused_backward_impl(u, delta, A, B, C, D, z, bias, ckpt, gy, gx, key, softplus, chunk):
-    """Gradients of (u, delta, A, B, C, D, z, bias, x0); an absent input's is an empty tensor."""
+def _fused_backward(inputs, saved, grads, options):
+    """Gradients of (u, delta, A, B, C, D, z, bias, x0); None for an absent input."""
+    u, delta, A, B, C, D, z, bias, _x0 = inputs
+    gy, gx = grads
+    key, softplus, chunk = options
     engine = _fused_engine(key, bias is not None, softplus, D is not None, z is not None, chunk)
     b, L, d = u.shape
     W = _block_width(b, d, torch.get_num_threads())
-    ckpt = ckpt.view(b, ckpt.shape[1], d // W, A.shape[1], W)
-    grads = engine.backward(u, delta, A, B, C, D, z, bias, ckpt, gy.contiguous(), gx.contiguous())
-    return [u.new_empty(0) if g is None else g.contiguous() for g in grads]
+    ckpt = saved[0].view(b, saved[0].shape[1], d // W, A.shape[1], W)
+    return engine.backward(u, delta, A, B, C, D, z, bias, ckpt, gy, gx)
 
 
-@torch.library.custom_op("seqc::selective_scan_fused", mutates_args=())
-def _fused_forward(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-                   D: torch.Tensor | None, z: torch.Tensor | None, bias: torch.Tensor | None, x0: torch.Tensor,
-                   key: str, softplus: bool, chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The fused kernels as one custom op: traced by torch.compile without a graph break."""
-    return _fused_forward_impl(u, delta, A, B, C, D, z, bias, x0, key, softplus, chunk)
-
-
-@_fused_forward.register_fake
-def _(u, delta, A, B, C, D, z, bias, x0, key, softplus, chunk):
+def _fused_fake(u, delta, A, B, C, D, z, bias, x0, key, softplus, chunk):
     b, L, d = u.shape
     count = (L + (chunk or _NUMBA_CHUNK) - 1) // (chunk or _NUMBA_CHUNK)
-    return u.new_empty(b, L, d), u.new_empty(b, d, A.shape[1]), u.new_empty(b, count, d * A.shape[1])
+    return [u.new_empty(b, L, d), u.new_empty(b, d, A.shape[1]), u.new_empty(b, count, d * A.shape[1])]
 
 
-@torch.library.custom_op("seqc::selective_scan_fused_backward", mutates_args=())
-def _fused_backward(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-                    D: torch.Tensor | None, z: torch.Tensor | None, bias: torch.Tensor | None, ckpt: torch.Tensor,
-                    gy: torch.Tensor, gx: torch.Tensor, key: str, softplus: bool,
-                    chunk: int) -> list[torch.Tensor]:
-    return _fused_backward_impl(u, delta, A, B, C, D, z, bias, ckpt, gy, gx, key, softplus, chunk)
-
-
-@_fused_backward.register_fake
-def _(u, delta, A, B, C, D, z, bias, ckpt, gy, gx, key, softplus, chunk):
-    like = lambda t: u.new_empty(0) if t is None else t.new_empty(t.shape)  # contiguous, as the kernels write  # noqa: E731
-    return [like(t) for t in (u, delta, A, B, C, D, z, bias)] + [u.new_empty(u.shape[0], u.shape[2], A.shape[1])]
-
-
-def _fused_setup(ctx, inputs, output):
-    u, delta, A, B, C, D, z, bias, _x0, key, softplus, chunk = inputs
-    ctx.mark_non_differentiable(output[2])
-    ctx.options = (key, softplus, chunk)
-    ctx.save_for_backward(u, delta, A, B, C, D, z, bias, output[2])
-
-
-def _fused_grad_with(backward):
-    def grad(ctx, gy, gx, _gckpt):
-        u, delta, A, B, C, D, z, bias, ckpt = ctx.saved_tensors
-        gy = torch.zeros_like(u) if gy is None else gy
-        gx = u.new_zeros(u.shape[0], u.shape[2], A.shape[1]) if gx is None else gx
-        grads = backward(u, delta, A, B, C, D, z, bias, ckpt, gy.contiguous(), gx.contiguous(), *ctx.options)
-        present = (True,) * 5 + (D is not None, z is not None, bias is not None, True)
-        return tuple(g if keep else None for g, keep in zip(grads, present)) + (None,) * 3
-    return grad
-
-
-_fused_forward.register_autograd(_fused_grad_with(_fused_backward), setup_context=_fused_setup)
-
-
-class _FusedScanEager(torch.autograd.Function):
-    """The same kernels and gradients as the custom op, called directly in eager mode:
-    calling a ``torch.library`` custom op imports ``torch._dynamo`` (torch wraps its
-    implementation in ``_disable_dynamo``), seconds of a cold start that never compiles."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        out = _fused_forward_impl(*inputs)
-        _fused_setup(ctx, inputs, out)
-        return out
-
-    backward = staticmethod(_fused_grad_with(_fused_backward_impl))
+FUSED_SCAN = FusedCore(
+    "selective_scan_fused", "Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, Tensor? bias, "
+    "Tensor x0, str key, bool softplus, int chunk", _fused_forward, _fused_backward, _fused_fake, n_outputs=2)
 
 
 def _pick_engine(u, disc, chunk, flags=None):
@@ -486,9 +436,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     if _fused_available(key, u.device.type, delta_bias is not None, bool(delta_softplus), D is not None,
                         z is not None):
         dense = lambda t: None if t is None else t.contiguous()  # noqa: E731  (the kernels read them so)
-        fused = _fused_forward if torch.compiler.is_compiling() else _FusedScanEager.apply
-        y, last, _ = fused(*map(dense, (u, delta, A, B, C, D, z, delta_bias, state)), key,
-                           bool(delta_softplus), int(chunk or 0))
+        y, last = FUSED_SCAN(*map(dense, (u, delta, A, B, C, D, z, delta_bias, state)), key,
+                             bool(delta_softplus), int(chunk or 0))
     else:
         flags = _flags(delta_bias is not None, bool(delta_softplus), D is not None, z is not None)
         engine = _pick_engine_for(u.device.type, disc, chunk, flags)
