@@ -27,8 +27,10 @@ def example(name: str) -> str:
 
 
 def to_numpy(x):
+    """A tensor or array as float64 numpy (complex128 for complex values: both parts compared)."""
     if hasattr(x, "detach"):
-        return x.detach().cpu().double().numpy()
+        x = x.detach().cpu()
+        return x.resolve_conj().numpy().astype(np.complex128) if x.is_complex() else x.double().numpy()
     return np.asarray(x)
 
 

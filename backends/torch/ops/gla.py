@@ -20,13 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seqc.ops.gla import retnet_log_gamma
+from seqc.ops.gla import TORCH_CHUNK as CHUNK, retnet_log_gamma
 
 from ..base import (Recurrent, accumulator_dtype, check_lengths, eager_when_compiled, no_autocast, output_dtype,
                     work_dtype)
 from ..fused import FusedCore
 
-CHUNK = 32
 
 
 def _pad_time(t, pad):
@@ -47,8 +46,9 @@ def _by_time(t, L):
 
 def _chunked_forward(q, k, v, log_alpha, S0, chunk):
     """All chunks at once: b the cumulative log decay within each chunk, the decay tensor
-    ``Dm[t, s, k] = exp(b_tk - b_sk)`` for s <= t (exponent masked to 0 before exp, then the
-    entry to 0: never exp(-inf)), scores ``A = sum_k q k Dm``, the intra-chunk output ``A v``;
+    ``Dm[t, s, k] = exp(b_tk - b_sk)`` for s <= t (the exponent masked to 0 above the diagonal
+    before exp: never exp(-inf), never an overflow; the scores and their gradient are masked
+    instead, (Q, Q) rather than (Q, Q, dk)), scores ``A = sum_k q k Dm``, the intra-chunk output ``A v``;
     the chunk states ``Sc = (k exp(b_T - b))^T v`` and the start states by the recurrence
     ``S <- exp(b_T) S + Sc`` (one elementwise step per chunk); the inter-chunk output
     ``(q exp(b)) S_start``."""
@@ -58,10 +58,10 @@ def _chunked_forward(q, k, v, log_alpha, S0, chunk):
     c = (L + pad) // Q
     qh, kh, vh, lh = (_by_chunk(t, pad, c, Q) for t in (q, k, v, log_alpha))
     bh = lh.cumsum(3)                                                      # (B, c, H, Q, K)
-    upper = torch.ones(Q, Q, dtype=torch.bool, device=q.device).triu_(1)[:, :, None]
+    upper = torch.ones(Q, Q, dtype=torch.bool, device=q.device).triu_(1)
     Dm = torch.sub(bh[..., :, None, :], bh[..., None, :, :])                 # (B, c, H, Q, Q, K)
-    Dm.masked_fill_(upper, 0.0).exp_().masked_fill_(upper, 0.0)
-    A = torch.einsum("bchtsk,bchsk,bchtk->bchts", Dm, kh, qh)
+    Dm.masked_fill_(upper[:, :, None], 0.0).exp_()          # upper triangle: 1 (masked in A and dA)
+    A = torch.einsum("bchtsk,bchsk,bchtk->bchts", Dm, kh, qh).masked_fill_(upper, 0.0)
     ke = kh * torch.exp(bh[..., -1:, :] - bh)
     Sc = ke.transpose(-1, -2) @ vh                                          # (B, c, H, K, V)
     carry = torch.exp(bh[..., -1, :])                                       # (B, c, H, K)
@@ -79,7 +79,9 @@ def _chunked_forward(q, k, v, log_alpha, S0, chunk):
 def _chunked_backward(inputs, saved, grads, options):
     """The gradients of ``_chunked_forward`` (q, k, v, log_alpha, S0), written out: the start
     states' recurrence runs backwards over the chunks; ``db`` collects every use of the
-    cumulative decay and becomes d log_alpha by a reversed cumulative sum."""
+    cumulative decay and becomes d log_alpha by a reversed cumulative sum.  Through Dm, b gets
+    ``q * dq_intra - k * dk_intra`` (sum_s of d(Dm) Dm is q_t times dq's intra-chunk part, sum_t
+    of it k_s times dk's), so nothing of size (Q, Q, dk) is formed beyond dA Dm."""
     q, k, v, _, _ = inputs
     bh, Dm, A, ke, qe, carry, starts = saved
     dO, dS = grads
@@ -99,16 +101,18 @@ def _chunked_backward(inputs, saved, grads, options):
     dS0 = g.clone() if c == 0 else g
     dke = vh @ dSc.transpose(-1, -2)                                        # (B, c, H, Q, K)
     dvh = ke @ dSc + A.transpose(-1, -2) @ dOh
-    X = Dm * (dOh @ vh.transpose(-1, -2))[..., None]                        # dA Dm, (B, c, H, Q, Q, K)
-    dqh = (X * kh[..., None, :, :]).sum(-2) + dqe * torch.exp(bh)
-    dkh = (X * qh[..., :, None, :]).sum(-3) + dke * torch.exp(bh[..., -1:, :] - bh)
-    Y = X.mul_(kh[..., None, :, :]).mul_(qh[..., :, None, :])                # d(Dm) Dm
+    upper = torch.ones(Q, Q, dtype=torch.bool, device=q.device).triu_(1)
+    dA = (dOh @ vh.transpose(-1, -2)).masked_fill_(upper, 0.0)
+    X = Dm * dA[..., None]                                                  # (B, c, H, Q, Q, K)
+    dq_in = (X * kh[..., None, :, :]).sum(-2)
+    dk_in = X.mul_(qh[..., :, None, :]).sum(-3)
     t = dke * ke
-    db = Y.sum(-2) - Y.sum(-3) + dqe * qe - t
+    db = qh * dq_in - kh * dk_in + dqe * qe - t
     db[..., -1, :] += t.sum(-2) + dcarry * carry
+    dqh = dq_in.addcmul_(dqe, torch.exp(bh))
+    dkh = dk_in.addcmul_(dke, torch.exp(bh[..., -1:, :] - bh))
     dlh = db.flip(3).cumsum(3).flip(3)
     return _by_time(dqh, L), _by_time(dkh, L), _by_time(dvh, L), _by_time(dlh, L), dS0
-
 
 def _chunked_fake(q, k, v, log_alpha, S0, chunk):
     b, L, H, K = q.shape
