@@ -116,7 +116,8 @@ class OpSpec:
       ``reference_init_state(batch, p, **attrs)`` gives the zero state.
     * ``init(shapes, attrs, rng) -> {name: array}``: the seeded initialiser.
     * ``plan_options(node, ctx, machine) -> [PlanOption]``: the execution plans the
-      planner chooses between (ops without it are not planned).
+      planner chooses between (ops without it are not planned); a function of the node's
+      op, attributes and input shapes only (repeated layers are decided once).
     * ``validate(attrs)``: cross-attribute checks, raising ShapeError.
     """
     name: str

@@ -94,24 +94,47 @@ def plan(g, ctx):
     best plan depends on the length keeps ``plan=auto`` and carries a threshold
     table (``meta["plan_table"]``, see ``plan_table``) from which the backend
     picks the plan on each call without the planner."""
+    decided: dict = {}       # a repeated layer (same op, attributes, input shapes) is decided once
     for n in g.order():
         if n.spec is None or n.spec.plan_options is None:
             continue
         _warn_unavailable_mode(n, ctx)
-        if ctx.length is None:
-            guesses = {choose(n, replace(ctx, length=L, batch=b, training=t))[1].plan
-                       for L in (16, 1024, 65536) for b in (1, 64) for t in (False, True)}
-            if len(guesses) > 1:
-                n.meta["plan"], n.meta["plan_reason"] = "auto", "chosen per call from the input's shape"
-                n.meta["plan_table"] = plan_table(n, ctx)
-                continue
-            ctx_n = replace(ctx, length=1024)
-        else:
-            ctx_n = ctx
-        _, best, reason = choose(n, ctx_n)
-        n.meta["plan"] = best.plan
-        n.meta["plan_reason"] = reason
+        key = _decision_key(n)
+        if key is not None and key in decided:
+            n.meta.update(decided[key])
+            continue
+        _decide(n, ctx)
+        if key is not None:
+            decided[key] = {k: n.meta[k] for k in ("plan", "plan_reason", "plan_table") if k in n.meta}
     return g
+
+
+def _decision_key(n):
+    """What the cost model reads of a node (its op, attributes and input shapes), hashable;
+    None when an attribute value is not."""
+    try:
+        key = (n.op, tuple(sorted(n.attrs.items())), tuple(tuple(s) for s in n.input_shapes))
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
+def _decide(n, ctx) -> None:
+    """The plan of one node (``meta["plan"]``, ``plan_reason``, ``plan_table`` for per-call plans)."""
+    if ctx.length is None:
+        guesses = {choose(n, replace(ctx, length=L, batch=b, training=t))[1].plan
+                   for L in (16, 1024, 65536) for b in (1, 64) for t in (False, True)}
+        if len(guesses) > 1:
+            n.meta["plan"], n.meta["plan_reason"] = "auto", "chosen per call from the input's shape"
+            n.meta["plan_table"] = plan_table(n, ctx)
+            return
+        ctx_n = replace(ctx, length=1024)
+    else:
+        ctx_n = ctx
+    _, best, reason = choose(n, ctx_n)
+    n.meta["plan"] = best.plan
+    n.meta["plan_reason"] = reason
 
 
 def _warn_unavailable_mode(n, ctx) -> None:
