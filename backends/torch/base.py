@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import sys
+from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -66,6 +67,20 @@ def _build_disabled() -> None:
     for wrapper in _DISABLE_WRAPPERS:
         if "_seqc_disabled" not in wrapper.__dict__:
             wrapper._seqc_disabled = torch.compiler.disable(wrapper._seqc_fn)
+    if EAGER.run is _run_eagerly:
+        EAGER.run = torch.compiler.disable(_run_eagerly)
+
+
+def _run_eagerly(fn, *args, **kwargs):
+    return fn(*args, **kwargs)
+
+
+# ``EAGER.run(fn, *args, **kwargs)``: fn(*args, **kwargs); once torch._dynamo is loaded, the same
+# through ``torch.compiler.disable``, so a trace of the generated forward breaks at that call
+# itself: one split of the forward and no frames below it (a break inside a layer splits every
+# frame on the way down, each a graph of its own with its guards).  The generated code calls
+# through it the layers whose work is one kernel torch.compile cannot trace (``Layer.eager_under_compile``).
+EAGER = SimpleNamespace(run=_run_eagerly)
 
 
 
@@ -178,6 +193,9 @@ class Layer(nn.Module):
     ``configure(call)`` with the lowered call."""
 
     op: str = ""
+    # the layer's work is one kernel torch.compile cannot trace: the generated forward calls
+    # it through ``EAGER.run`` (one graph break at the call, not inside the layer)
+    eager_under_compile: bool = False
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

@@ -7,6 +7,8 @@ from __future__ import annotations
 from seqc.codegen import Renderer, generate, kwargs
 from seqc.lower import Call, Program, lower
 
+from .base import LAYERS
+
 
 class TorchRenderer(Renderer):
     """Layers are reached through ``M``, the model's flat tuple of layer modules in
@@ -40,6 +42,9 @@ class TorchRenderer(Renderer):
             mod = self._mod(c)
             if step:
                 return f"{mod}.step({args}, state={state_in})"
+            call = f"run, {mod}, {args}" if LAYERS[c.op].eager_under_compile else None
+            if call is not None:       # under torch.compile: one graph break here, none inside the layer
+                return f"EAGER.run({call}, state={state_in}, return_state=return_state, lengths=lengths)"
             return f"run({mod}, {args}, state={state_in}, return_state=return_state, lengths=lengths)"
         if c.is_layer:
             return f"{self._mod(c)}({args})"
@@ -51,7 +56,7 @@ class TorchRenderer(Renderer):
         return f"{self._mod(c)}.init_state(batch, **self.state_options())"
 
 
-RESERVED = {"SeqcModule", "run", "fn"}
+RESERVED = {"SeqcModule", "run", "fn", "EAGER"}
 
 
 def class_name(program) -> str:
@@ -91,6 +96,7 @@ program of the same spec and options this file was emitted with:
 from types import SimpleNamespace
 
 from seqc.backends.torch import functional
+from seqc.backends.torch.base import EAGER
 from seqc.backends.torch.codegen import emit
 from seqc.backends.torch.module import SeqcModule, run
 

@@ -19,7 +19,7 @@ from seqc.errors import SeqcError
 from seqc.inputs import check_inputs, declared_inputs
 
 from . import functional
-from .base import compiler_disable
+from .base import EAGER, compiler_disable
 from .codegen import as_program, class_name, emit
 from .layers import LAYERS
 
@@ -361,7 +361,7 @@ def _build_tree(root: nn.Module, calls) -> None:
 
 
 def _namespace() -> dict:
-    return {"SeqcModule": SeqcModule, "run": run, "fn": SimpleNamespace(**functional.FUNCTIONS)}
+    return {"SeqcModule": SeqcModule, "run": run, "fn": SimpleNamespace(**functional.FUNCTIONS), "EAGER": EAGER}
 
 
 def build_module(program, weights: dict | None = None) -> SeqcModule:

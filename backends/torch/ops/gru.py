@@ -14,6 +14,7 @@ class GRU(Recurrent):
     """State ``h (B, layers, hidden)``; ``step`` is forward on one token."""
 
     op = "gru"
+    eager_under_compile = True
 
     def flat_weights(self) -> list:
         names = ("weight_ih", "weight_hh") + (("bias_ih", "bias_hh") if self.attrs["bias"] else ())

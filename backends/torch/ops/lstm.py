@@ -14,6 +14,7 @@ class LSTM(Recurrent):
     """torch.nn.LSTM(batch_first=True) on our own parameters, via the same fused kernel."""
 
     op = "lstm"
+    eager_under_compile = True
 
     def flat_weights(self) -> list:
         names = ("weight_ih", "weight_hh") + (("bias_ih", "bias_hh") if self.attrs["bias"] else ())
