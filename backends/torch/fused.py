@@ -45,7 +45,7 @@ class FusedCore:
             @staticmethod
             def forward(ctx, *args):
                 outputs, saved = core._forward(*args)
-                core._setup(ctx, args, tuple(outputs) + tuple(saved))
+                core._setup(ctx, args, tuple(outputs), tuple(saved))
                 return tuple(outputs)
 
             @staticmethod
@@ -69,14 +69,16 @@ class FusedCore:
 
         self._op = torch.library.custom_op(f"seqc::{name}", op_forward, mutates_args=(),
                                            schema=f"({params}) -> Tensor[]")
-        self._op.register_fake(lambda *args: fake(*args))
+        self._op.register_fake(fake)
         self._op_backward = torch.library.custom_op(
             f"seqc::{name}_backward", op_backward, mutates_args=(),
             schema=f"(Tensor?[] inputs, Tensor[] saved, Tensor[] grads, {options}) -> Tensor[]")
         self._op_backward.register_fake(fake_backward)
 
         def setup(ctx, inputs, output):
-            self._setup(ctx, inputs, output)
+            saved = output[n_outputs:]        # outputs of the op, but not differentiable ones
+            ctx.mark_non_differentiable(*saved)
+            self._setup(ctx, inputs, output[:n_outputs], saved)
 
         def grad(ctx, grads):          # one list: the gradients of the op's Tensor[] output
             def call(inputs, saved, grads, options):
@@ -86,13 +88,11 @@ class FusedCore:
 
         self._op.register_autograd(grad, setup_context=setup)
 
-    def _setup(self, ctx, args, produced):
+    def _setup(self, ctx, args, outputs, saved):
         tensors, options = args[:self.n_tensors], args[self.n_tensors:]
-        saved = produced[self.n_outputs:]
-        ctx.mark_non_differentiable(*saved)
         ctx.save_for_backward(*tensors, *saved)
         ctx.options = tuple(options)
-        ctx.like = [(o.shape, o.dtype, o.device) for o in produced[:self.n_outputs]]
+        ctx.like = [(o.shape, o.dtype, o.device) for o in outputs]
 
     def _grad(self, ctx, grads, backward):
         stored = ctx.saved_tensors
