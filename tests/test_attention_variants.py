@@ -265,3 +265,21 @@ def test_bad_rope_dim_is_a_located_error(attrs, msg):
     with pytest.raises(SeqcError, match=msg) as e:
         seqc.build_graph(src)
     assert e.value.span is not None and e.value.span.line == 3
+
+
+def test_rope_tables_custom_op_matches_the_formula_and_passes_opcheck():
+    """The rotary tables torch.compile sees as one opaque op (so inductor does not fuse the
+    float64 cos/sin into every element of q and k): torch.library.opcheck (schema, fake shapes),
+    and the values against theta^(-2i/width) angles written out here, offset positions included."""
+    from seqc.backends.torch.ops import attention as att
+    positions = torch.tensor([[0.0, 1.0, 2.0], [5.0, 6.0, 7.0]])
+    theta, width = 500.0, 6
+    torch.library.opcheck(att._rope_tables_op, (positions, theta, width, torch.float32))
+    cos, sin = att._rope_tables_op(positions, theta, width, torch.float64)
+    i = np.arange(width // 2)
+    angles = positions.numpy()[..., None] * theta ** (-2.0 * i / width)
+    want = np.concatenate([angles, angles], -1)[:, None]
+    np.testing.assert_allclose(cos.numpy(), np.cos(want), rtol=0, atol=1e-15)
+    np.testing.assert_allclose(sin.numpy(), np.sin(want), rtol=0, atol=1e-15)
+    eager = att.rope_tables(positions, theta, width, torch.float64)
+    assert all(torch.equal(a, b) for a, b in zip(eager, (cos, sin)))

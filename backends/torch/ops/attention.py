@@ -18,18 +18,42 @@ NO_STATE = ("bidirectional attention (causal = false) has no state: it needs the
             "so step(), state= and return_state= are not available")
 
 
-def rotate(x, positions, theta: float, rope_dim: int = 0):
-    """Rotary embedding (transformers' Llama convention): x (B, H, L, hd) at `positions` (B, L)
-    -> x cos + rotate_half(x) sin, angles computed in float64; with rope_dim only the first
-    rope_dim features of each head (a rotary embedding of that width), the rest unchanged."""
-    if rope_dim and rope_dim < x.shape[-1]:
-        return torch.cat([rotate(x[..., :rope_dim], positions, theta), x[..., rope_dim:]], -1)
-    hd = x.shape[-1]
-    inv_freq = 1.0 / theta ** (torch.arange(0, hd, 2, dtype=torch.float64, device=x.device) / hd)
+def rope_tables(positions, theta: float, width: int, dtype):
+    """cos and sin of the rotary angles (transformers' Llama convention) at `positions` (B, L),
+    (B, 1, L, width) in `dtype`, the angles computed in float64.  Under torch.compile an opaque
+    custom op: inductor would otherwise fuse the float64 cos/sin into every element of q and k
+    (heads times over) and recompute them in the backward, a third of Llama's step on CPU."""
+    if torch.compiler.is_compiling():
+        return tuple(_rope_tables_op(positions, theta, width, dtype))
+    return _rope_tables(positions, theta, width, dtype)
+
+
+def _rope_tables(positions, theta, width, dtype):
+    inv_freq = 1.0 / theta ** (torch.arange(0, width, 2, dtype=torch.float64, device=positions.device) / width)
     freqs = positions.to(torch.float64)[..., None] * inv_freq
-    emb = torch.cat([freqs, freqs], -1)[:, None]                   # (B, 1, L, hd)
-    cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
-    x1, x2 = x[..., :hd // 2], x[..., hd // 2:]
+    emb = torch.cat([freqs, freqs], -1)[:, None]                   # (B, 1, L, width)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+_rope_tables_op = torch.library.custom_op(
+    "seqc::rope_tables", lambda *a: list(_rope_tables(*a)), mutates_args=(),
+    schema="(Tensor positions, float theta, int width, ScalarType dtype) -> Tensor[]")
+
+
+@_rope_tables_op.register_fake
+def _(positions, theta, width, dtype):
+    shape = (positions.shape[0], 1, positions.shape[1], width)
+    return [positions.new_empty(shape, dtype=dtype), positions.new_empty(shape, dtype=dtype)]
+
+
+def rotate(x, cos, sin):
+    """Rotary embedding of x (B, H, L, hd) with tables (B, 1, L, width) from ``rope_tables``:
+    x cos + rotate_half(x) sin on the first `width` features of each head (a rotary embedding
+    of that width when it is less than hd), the rest unchanged."""
+    width = cos.shape[-1]
+    if width < x.shape[-1]:
+        return torch.cat([rotate(x[..., :width], cos, sin), x[..., width:]], -1)
+    x1, x2 = x[..., :width // 2], x[..., width // 2:]
     return x * cos + torch.cat([-x2, x1], -1) * sin
 
 
@@ -83,9 +107,10 @@ class Attention(Recurrent):
         if self.rope:
             pos = x.new_zeros(batch) if state is None else state["pos"].to(x.dtype)
             positions = pos[:, None] + torch.arange(length, device=x.device, dtype=x.dtype)
-            theta = float(self.attrs["rope_theta"])
             rd = int(self.attrs["rope_dim"])
-            q, k = rotate(q, positions, theta, rd), rotate(k, positions, theta, rd)
+            width = rd if 0 < rd < q.shape[-1] else q.shape[-1]
+            cos, sin = rope_tables(positions, float(self.attrs["rope_theta"]), width, q.dtype)
+            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         if state is not None:
             k = torch.cat([state["k"].to(k.dtype), k], 2)
             v = torch.cat([state["v"].to(v.dtype), v], 2)
