@@ -391,14 +391,17 @@ def test_conv1d_layer_matches_torch_depthwise_conv(bias, kernel, with_state):
         assert_agree(r, c, 1e-13, "gradient")
 
 
-@pytest.mark.parametrize("with_h0, with_D", [(True, True), (False, False)])
-def test_chunked_core_as_a_custom_op_passes_opcheck(with_h0, with_D):
+@pytest.mark.parametrize("with_h0, with_D, L, H, G", [(True, True, 11, 4, 2), (False, False, 11, 4, 2),
+                                                     (False, True, 8, 4, 1), (True, True, 7, 1, 1)])
+def test_chunked_core_as_a_custom_op_passes_opcheck(with_h0, with_D, L, H, G):
     """The custom op torch.compile traces (schema, fake shapes and strides, autograd
     registration, absent optional inputs) checked by torch.library.opcheck; its values and
-    gradients equal to the eager core's."""
+    gradients equal to the eager core's.  One group with whole chunks (B, C regrouped by a
+    mere view of the input) and one head (two intermediates sharing storage): the op's
+    outputs must still be tensors of their own."""
     from seqc.backends.torch.ops import ssd
     g = torch.Generator().manual_seed(3)
-    b, L, H, P, G, N = 2, 11, 4, 2, 2, 3
+    b, P, N = 2, 2, 3
     args = [torch.randn(b, L, H, P, dtype=torch.float64, generator=g), torch.rand(b, L, H, dtype=torch.float64, generator=g),
             -torch.rand(H, dtype=torch.float64, generator=g) - 0.1,
             torch.randn(b, L, G, N, dtype=torch.float64, generator=g), torch.randn(b, L, G, N, dtype=torch.float64, generator=g),

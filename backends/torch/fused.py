@@ -25,9 +25,22 @@ from __future__ import annotations
 import torch
 
 
-def _dense(t: torch.Tensor) -> torch.Tensor:
-    """Contiguous: inductor checks a custom op's outputs against the fake strides."""
-    return t.contiguous()
+def _fresh(tensors, args) -> list:
+    """The op's outputs, each contiguous (inductor checks them against the fake strides) and
+    in storage of its own: ``contiguous()`` of an already contiguous view returns the view,
+    and a custom op's output may alias neither an input nor another output."""
+    taken = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor) and a.numel()}
+    out = []
+    for t in tensors:
+        t = t.contiguous()
+        if not t.numel():
+            t = t.clone()                   # (free, and surely no view of anything)
+        elif t.untyped_storage().data_ptr() in taken:
+            t = t.clone(memory_format=torch.contiguous_format)
+        if t.numel():
+            taken.add(t.untyped_storage().data_ptr())
+        out.append(t)
+    return out
 
 
 class FusedCore:
@@ -37,7 +50,7 @@ class FusedCore:
         self.name, self.n_outputs = name, n_outputs
         declared = [p.strip() for p in params.split(",")]
         self.n_tensors = sum(1 for p in declared if p.startswith("Tensor"))
-        options = ", ".join(declared[self.n_tensors:])
+        options = "".join(", " + p for p in declared[self.n_tensors:])
         self._forward, self._backward = forward, backward
         core = self
 
@@ -58,21 +71,25 @@ class FusedCore:
 
         def op_forward(*args):
             outputs, saved = forward(*args)
-            return [_dense(t) for t in (*outputs, *saved)]
+            return _fresh((*outputs, *saved), args)
 
         def op_backward(inputs, saved, grads, *options):
             got = backward(inputs, saved, grads, options)
-            return [inputs[0].new_empty(0) if g is None else _dense(g) for g in got]
+            like = next(t for t in inputs if t is not None)
+            got = [like.new_empty(0) if t is None else torch.zeros_like(t) if g is None else g   # absent / none
+                   for g, t in zip(got, inputs)]
+            return _fresh(got, (*inputs, *saved, *grads))
 
         def fake_backward(inputs, saved, grads, *options):
-            return [inputs[0].new_empty(0) if t is None else t.new_empty(t.shape) for t in inputs]
+            like = next(t for t in inputs if t is not None)
+            return [like.new_empty(0) if t is None else t.new_empty(t.shape) for t in inputs]
 
         self._op = torch.library.custom_op(f"seqc::{name}", op_forward, mutates_args=(),
                                            schema=f"({params}) -> Tensor[]")
         self._op.register_fake(fake)
         self._op_backward = torch.library.custom_op(
             f"seqc::{name}_backward", op_backward, mutates_args=(),
-            schema=f"(Tensor?[] inputs, Tensor[] saved, Tensor[] grads, {options}) -> Tensor[]")
+            schema=f"(Tensor?[] inputs, Tensor[] saved, Tensor[] grads{options}) -> Tensor[]")
         self._op_backward.register_fake(fake_backward)
 
         def setup(ctx, inputs, output):
