@@ -2,7 +2,8 @@
 example at its default size (the spec's own parameters): batch 8, length 256, one SGD step =
 forward + backward + update.  Each example runs in a fresh process: in one long process the
 compiled graphs of the earlier examples stay alive, and every later step pays for them in the
-cycle collector (measured: GLA's eager step 20 -> 28 ms when it ran twelfth).  The compiled model is warmed up on two other lengths first (so
+cycle collector (measured: GLA's eager step 20 -> 28 ms when it ran twelfth).  The compiled
+model is warmed up on two other lengths first (so
 the timed length runs the dynamic-shape graphs; the frames recompiled at the timed length
 are counted and reported), then the two are timed alternately (``compare_ms``); ratio = compiled / eager (below 1: compiled is faster).
 
@@ -12,10 +13,9 @@ Writes compile_train.json.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import time
-
-import json
 
 from benchmarks.common import add_output_options, compare_ms, in_subprocess, save, set_output
 

@@ -12,6 +12,7 @@ import sys
 from types import SimpleNamespace
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from seqc.discretization import discretizer
@@ -146,6 +147,11 @@ def eager_when_compiled(fn, *args):
     if torch.compiler.is_compiling():
         return outside_compile(fn, *args)
     return fn(*args)
+
+
+def pad_time(t, pad: int):
+    """t (B, L, ...) with `pad` zero steps appended along the length."""
+    return F.pad(t, (0,) * (2 * (t.dim() - 2)) + (0, pad)) if pad else t
 
 
 def check_lengths(lengths, x, minimum: int = 0):

@@ -42,10 +42,10 @@ class TorchRenderer(Renderer):
             mod = self._mod(c)
             if step:
                 return f"{mod}.step({args}, state={state_in})"
-            call = f"run, {mod}, {args}" if LAYERS[c.op].eager_under_compile else None
-            if call is not None:       # under torch.compile: one graph break here, none inside the layer
-                return f"EAGER.run({call}, state={state_in}, return_state=return_state, lengths=lengths)"
-            return f"run({mod}, {args}, state={state_in}, return_state=return_state, lengths=lengths)"
+            tail = f"state={state_in}, return_state=return_state, lengths=lengths"
+            if LAYERS[c.op].eager_under_compile:    # under torch.compile: one graph break here, none inside the layer
+                return f"EAGER.run(run, {mod}, {args}, {tail})"
+            return f"run({mod}, {args}, {tail})"
         if c.is_layer:
             return f"{self._mod(c)}({args})"
         extra = ", training=self.training" if c.op == "dropout" else ""

@@ -13,8 +13,8 @@ The contract for a core ``name``:
 * ``forward(*args) -> (outputs, saved)``: ``args`` are the tensors (``None`` for an absent
   optional one) then the options (int, bool, str), as ``params`` declares them in torch's
   schema syntax (``"Tensor x, Tensor? h0, int chunk"``); ``outputs`` are differentiable,
-  ``saved`` are intermediates for the backward.  All are fresh tensors (never views of an
-  input).
+  ``saved`` are intermediates for the backward.  They may be views of the inputs or of
+  each other: the custom op copies what it must (an op's outputs may not alias).
 * ``backward(inputs, saved, grads, options) -> grads of the input tensors`` (``None`` where
   an input is absent or gets none); ``grads`` has a tensor for every output (zeros for an
   unused one).
@@ -28,17 +28,17 @@ import torch
 def _fresh(tensors, args) -> list:
     """The op's outputs, each contiguous (inductor checks them against the fake strides) and
     in storage of its own: ``contiguous()`` of an already contiguous view returns the view,
-    and a custom op's output may alias neither an input nor another output."""
+    and a custom op's output may alias neither an input nor another output.  An empty tensor
+    is always copied (free, and surely no view of anything)."""
     taken = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor) and a.numel()}
     out = []
     for t in tensors:
         t = t.contiguous()
-        if not t.numel():
-            t = t.clone()                   # (free, and surely no view of anything)
-        elif t.untyped_storage().data_ptr() in taken:
-            t = t.clone(memory_format=torch.contiguous_format)
-        if t.numel():
-            taken.add(t.untyped_storage().data_ptr())
+        ptr = t.untyped_storage().data_ptr() if t.numel() else None
+        if ptr is None or ptr in taken:
+            t = t.clone()                   # a copy of a contiguous tensor is contiguous
+        else:
+            taken.add(ptr)
         out.append(t)
     return out
 

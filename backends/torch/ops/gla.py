@@ -23,19 +23,15 @@ from torch import nn
 from seqc.ops.gla import TORCH_CHUNK as CHUNK, retnet_log_gamma
 
 from ..base import (Recurrent, accumulator_dtype, check_lengths, eager_when_compiled, no_autocast, output_dtype,
-                    work_dtype)
+                    pad_time, work_dtype)
 from ..fused import FusedCore
 
-
-
-def _pad_time(t, pad):
-    return F.pad(t, (0,) * (2 * (t.dim() - 2)) + (0, pad)) if pad else t
 
 
 def _by_chunk(t, pad, c, Q):
     """(B, L, H, X) -> (B, c, H, Q, X), padded with zeros to c * Q steps (no input, decay 1)."""
     b, _, H, X = t.shape
-    return _pad_time(t, pad).view(b, c, Q, H, X).transpose(2, 3).contiguous()
+    return pad_time(t, pad).view(b, c, Q, H, X).transpose(2, 3).contiguous()
 
 
 def _by_time(t, L):

@@ -18,17 +18,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..base import Layer, Recurrent, accumulator_dtype, check_lengths, no_autocast, output_dtype, work_dtype
+from ..base import (Layer, Recurrent, accumulator_dtype, check_lengths, no_autocast, output_dtype, pad_time,
+                    work_dtype)
 from ..fused import FusedCore
 
 
 def _prepare_dt(dt, dt_bias, softplus):
     dt = dt + dt_bias
     return F.softplus(dt) if softplus else dt
-
-
-def _pad_time(t, pad):
-    return F.pad(t, (0,) * (2 * (t.dim() - 2)) + (0, pad)) if pad else t
 
 
 def _chunked_forward(x, dt, a, B, C, D, h0, chunk):
@@ -43,13 +40,13 @@ def _chunked_forward(x, dt, a, B, C, D, h0, chunk):
     R, Q = H // G, chunk
     pad = (-L) % Q
     c = (L + pad) // Q
-    xq = _pad_time(x, pad).reshape(b, c, Q, H, P)
-    dtq = _pad_time(dt, pad).reshape(b, c, Q, H)
+    xq = pad_time(x, pad).reshape(b, c, Q, H, P)
+    dtq = pad_time(dt, pad).reshape(b, c, Q, H)
     cs = torch.cumsum(dtq * a, 2)                                          # (b, c, Q, H)
     Xt = xq * dtq[..., None]                                               # dt x, time-major
     Xh = Xt.permute(0, 1, 3, 2, 4).contiguous()                            # (b, c, H, Q, P)
-    Bc = _pad_time(B, pad).reshape(b, c, Q, G, N).transpose(2, 3).contiguous()   # (b, c, G, Q, N)
-    Cc = _pad_time(C, pad).reshape(b, c, Q, G, N).transpose(2, 3).contiguous()
+    Bc = pad_time(B, pad).reshape(b, c, Q, G, N).transpose(2, 3).contiguous()   # (b, c, G, Q, N)
+    Cc = pad_time(C, pad).reshape(b, c, Q, G, N).transpose(2, 3).contiguous()
     csh = cs.transpose(2, 3)
     decay = torch.sub(csh[..., :, None], csh[..., None, :], out=cs.new_empty(b, c, H, Q, Q))
     upper = torch.ones(Q, Q, dtype=torch.bool, device=x.device).triu_(1)
@@ -101,7 +98,7 @@ def _chunked_backward(inputs, saved, grads, options):
     R, c = H // G, Bc.shape[1]
     pad = c * Q - L
     W = XW.view(b, c, Q, G, R * P).transpose(2, 3)                          # (b, c, G, Q, R P)
-    dyq = _pad_time(dy, pad).reshape(b, c, Q, H, P)
+    dyq = pad_time(dy, pad).reshape(b, c, Q, H, P)
     # off-diagonal part y = E (C . starts)
     dE = (dyq.view(b, c, Q, G, R, P) * U.view(b, c, G, Q, R, P).transpose(2, 3)).sum(-1).view(b, c, Q, H)
     dcs = dE * E
@@ -137,8 +134,8 @@ def _chunked_backward(inputs, saved, grads, options):
     dBc += dscores.transpose(-1, -2) @ Cc
     # cs = cumsum(dt a), Xt = dt x
     dA = dcs.flip(2).cumsum(2).flip(2)
-    dtq = _pad_time(dt, pad).reshape(b, c, Q, H)
-    xq = _pad_time(x, pad).reshape(b, c, Q, H, P)
+    dtq = pad_time(dt, pad).reshape(b, c, Q, H)
+    xq = pad_time(x, pad).reshape(b, c, Q, H, P)
     ddt = (dA * a + (dXt * xq).sum(-1)).view(b, c * Q, H)[:, :L]
     da = (dA * dtq).sum((0, 1, 2))
     dx = (dXt * dtq[..., None]).view(b, c * Q, H, P)[:, :L]
